@@ -1,0 +1,112 @@
+//! The consumer service's configuration: flags, or `EI_*` environment
+//! variables, validated at start.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::routes::RouteSpec;
+
+/// Settings of the `event-consumer` service.
+#[derive(Parser, Clone, Debug)]
+#[command(
+    name = "event-consumer",
+    version,
+    about = "Verifies, authorizes and processes identity-bearing events once"
+)]
+pub struct ConsumerConfig {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "EI_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    pub kafka_bootstrap: String,
+
+    /// Consumer group ID; replicas with the same group share the partitions.
+    #[arg(long, env = "EI_GROUP", default_value = "event-consumer")]
+    pub group: String,
+
+    /// Topics to consume, comma-separated.
+    #[arg(
+        long = "topic",
+        env = "EI_TOPICS",
+        value_delimiter = ',',
+        default_value = "events"
+    )]
+    pub topics: Vec<String>,
+
+    /// Topic that rejected messages are written to, with their reason.
+    #[arg(
+        long,
+        env = "EI_DEAD_LETTER_TOPIC",
+        default_value = "events.dead-letter"
+    )]
+    pub dead_letter_topic: String,
+
+    /// The authorization server's issuer identifier (exact `iss`).
+    #[arg(long, env = "EI_ISSUER")]
+    pub issuer: String,
+
+    /// JWKS URL; default: from the issuer's discovery document.
+    #[arg(long, env = "EI_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Allow plain-HTTP issuer URLs to hosts other than loopback (a private
+    /// network such as a compose stack). Anyone on that network could
+    /// substitute keys.
+    #[arg(long, env = "EI_ALLOW_PLAIN_HTTP", default_value_t = false)]
+    pub allow_plain_http: bool,
+
+    /// The audience event tokens must name. Required: a consumer without an
+    /// audience would accept tokens meant for any other service.
+    #[arg(long, env = "EI_AUDIENCE")]
+    pub audience: String,
+
+    /// A consumable event type and its rules:
+    /// `type=T,scope=EVENT_SCOPE[,claim_equals_field=CLAIM:FIELD][,claim_in=CLAIM:V1|V2]`.
+    /// Repeat the flag, or separate routes with `;` in the variable.
+    #[arg(
+        long = "route",
+        env = "EI_ROUTES",
+        value_delimiter = ';',
+        required = true
+    )]
+    pub routes: Vec<RouteSpec>,
+
+    /// The inbox database: `sqlite://PATH?mode=rwc` (embedded default) or
+    /// `postgres://...` for several replicas sharing a group.
+    #[arg(
+        long,
+        env = "EI_DATABASE_URL",
+        default_value = "sqlite://event-identity-inbox.db?mode=rwc"
+    )]
+    pub database_url: String,
+
+    /// Clock skew tolerated when checking token times, in seconds.
+    #[arg(long, env = "EI_LEEWAY_S", default_value_t = 30)]
+    pub leeway_s: u64,
+
+    /// Timeout of each request to the authorization server, in milliseconds.
+    #[arg(long, env = "EI_HTTP_TIMEOUT_MS", default_value_t = 5_000)]
+    pub http_timeout_ms: u64,
+
+    /// Longest wait between retries of a transient failure, in milliseconds.
+    #[arg(long, env = "EI_MAX_RETRY_BACKOFF_MS", default_value_t = 30_000)]
+    pub max_retry_backoff_ms: u64,
+
+    /// Kafka consumer session timeout, in milliseconds.
+    #[arg(long, env = "EI_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+
+    /// Where a new group starts reading: `earliest` or `latest`.
+    #[arg(long, env = "EI_AUTO_OFFSET_RESET", default_value = "earliest", value_parser = ["earliest", "latest"])]
+    pub auto_offset_reset: String,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "EI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl ConsumerConfig {
+    /// Longest retry backoff.
+    pub fn max_retry_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_retry_backoff_ms)
+    }
+}

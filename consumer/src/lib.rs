@@ -1,0 +1,204 @@
+//! The consumer runtime for identity-bearing events.
+//!
+//! For every record it verifies the event token (signature against the
+//! issuer's keys, issuer, audience, lifetime), checks that the token holds
+//! exactly the event type's scope, runs the claims policies, and applies the
+//! handler's effect once per message ID through the [`inbox`]. Permanent
+//! failures go to the [`dead_letter`] topic with their reason; transient
+//! ones are retried in place. An offset is marked for commit only after its
+//! message is settled, so a crash re-reads, and the inbox absorbs the
+//! repeat.
+//!
+//! Build one with [`ConsumerBuilder`], or run the `event-consumer` binary.
+
+pub mod config;
+pub mod dead_letter;
+pub mod inbox;
+pub mod routes;
+mod runtime;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use event_identity::discovery::discover;
+use event_identity::http::check_url;
+use event_identity::{Verifier, VerifierConfig};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use tokio_util::sync::CancellationToken;
+
+pub use config::ConsumerConfig;
+pub use inbox::{Event, Handler, HandlerError, HandlerFuture, Inbox, RecordEvents};
+pub use routes::{ClaimsPolicy, Route, Routes};
+pub use runtime::Stats;
+
+use crate::dead_letter::DeadLetters;
+use crate::runtime::Pipeline;
+
+/// Assembles a consumer from its configuration, with optional code hooks.
+pub struct ConsumerBuilder {
+    config: ConsumerConfig,
+    handler: Arc<dyn Handler>,
+    policies: Vec<(String, Arc<dyn ClaimsPolicy>)>,
+}
+
+impl ConsumerBuilder {
+    /// A builder with the default handler ([`RecordEvents`]).
+    pub fn new(config: ConsumerConfig) -> Self {
+        Self {
+            config,
+            handler: Arc::new(RecordEvents),
+            policies: Vec::new(),
+        }
+    }
+
+    /// Replaces the handler.
+    pub fn handler(mut self, handler: Arc<dyn Handler>) -> Self {
+        self.handler = handler;
+        self
+    }
+
+    /// Adds a code policy for `event_type` (which must have a route).
+    pub fn policy(mut self, event_type: &str, policy: Arc<dyn ClaimsPolicy>) -> Self {
+        self.policies.push((event_type.to_owned(), policy));
+        self
+    }
+
+    /// Checks the configuration, loads the issuer's keys, opens the inbox
+    /// and subscribes. Errors name the setting at fault.
+    pub async fn build(self) -> anyhow::Result<EventConsumer> {
+        let config = self.config;
+        let mut routes =
+            Routes::from_specs(&config.routes).map_err(|e| anyhow::anyhow!("--route: {e}"))?;
+        for (event_type, policy) in self.policies {
+            routes
+                .add_policy(&event_type, policy)
+                .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+        }
+
+        let http = event_identity::http::client(Duration::from_millis(config.http_timeout_ms));
+        let jwks_url = match &config.jwks_url {
+            Some(url) => check_url(url, config.allow_plain_http)
+                .map_err(|e| anyhow::anyhow!("--jwks-url: {e}"))?,
+            None => {
+                discover(&http, &config.issuer, config.allow_plain_http)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--issuer: {e}"))?
+                    .jwks_uri
+            }
+        };
+        let mut verifier_config = VerifierConfig::new(&config.issuer, jwks_url, &config.audience);
+        verifier_config.leeway = Duration::from_secs(config.leeway_s);
+        let verifier =
+            Verifier::new(verifier_config, http).map_err(|e| anyhow::anyhow!("--audience: {e}"))?;
+        let keys = verifier
+            .keys()
+            .refresh_now()
+            .await
+            .map_err(|e| anyhow::anyhow!("--issuer: cannot load the issuer's keys: {e}"))?;
+        tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
+
+        let inbox = Inbox::connect(&config.database_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "--database-url: cannot open the inbox at {}",
+                    redact_url(&config.database_url)
+                )
+            })?;
+        let dead_letters = DeadLetters::new(
+            &config.kafka_bootstrap,
+            &config.dead_letter_topic,
+            &config.group,
+        )
+        .context("--kafka-bootstrap: cannot create the dead-letter producer")?;
+
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka_bootstrap)
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", &config.auto_offset_reset)
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set("enable.partition.eof", "false")
+            .create()
+            .context("--kafka-bootstrap: cannot create the Kafka consumer")?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .context("--topic: cannot subscribe")?;
+
+        let pipeline = Pipeline {
+            verifier,
+            routes,
+            inbox,
+            handler: self.handler,
+            dead_letters,
+            max_backoff: config.max_retry_backoff(),
+            stats: Arc::new(Stats::default()),
+        };
+        Ok(EventConsumer { consumer, pipeline })
+    }
+}
+
+/// A built consumer, subscribed and ready to run.
+pub struct EventConsumer {
+    consumer: StreamConsumer,
+    pipeline: Pipeline,
+}
+
+impl EventConsumer {
+    /// Counters of what this consumer did.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.pipeline.stats.clone()
+    }
+
+    /// The inbox, for tests and tools.
+    pub fn inbox(&self) -> &Inbox {
+        &self.pipeline.inbox
+    }
+
+    /// Consumes until `stop` is cancelled, then commits settled offsets.
+    pub async fn run(self, stop: CancellationToken) {
+        tracing::info!(
+            dead_letter_topic = self.pipeline.dead_letters.topic(),
+            "consumer running"
+        );
+        self.pipeline.run(&self.consumer, &stop).await;
+        tracing::info!("consumer stopped");
+    }
+}
+
+/// Runs the consumer service until `shutdown` completes.
+pub async fn run(
+    config: ConsumerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let consumer = ConsumerBuilder::new(config).build().await?;
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    consumer.run(stop).await;
+    Ok(())
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match reqwest_free_redact(url) {
+        Some(redacted) => redacted,
+        None => url.to_owned(),
+    }
+}
+
+fn reqwest_free_redact(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (userinfo, host) = rest.split_once('@')?;
+    let user = userinfo.split(':').next().unwrap_or_default();
+    Some(format!("{scheme}://{user}:***@{host}"))
+}

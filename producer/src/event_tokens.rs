@@ -1,0 +1,186 @@
+//! Event tokens: obtained by token exchange, checked strictly, reused while
+//! they last.
+//!
+//! The authorization server's answer is not trusted as such. The issued
+//! token is verified like any other token; its lifetime comes from its
+//! verified `exp` (never from `expires_in`); its scope and audience must be
+//! exactly those requested and its subject the user's. Any shortfall or
+//! excess fails the request, so nothing is published with a token that
+//! could do more, or less, than the event needs.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use event_identity::exchange::{ExchangeError, TokenExchanger};
+use event_identity::secret::fingerprint;
+use event_identity::{Secret, VerifiedClaims, Verifier, VerifyError};
+
+use crate::routes::EventRoute;
+
+/// Most event tokens kept in the cache.
+const CACHE_CAPACITY: usize = 10_000;
+
+/// Why no usable event token could be had.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EventTokenError {
+    /// The exchange itself failed.
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    /// The exchange answered with a token this producer must not publish.
+    #[error("token exchange returned an unusable event token: {0}")]
+    Unusable(String),
+    /// The issuer's keys could not be fetched to check the token.
+    #[error("issuer keys unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+struct Cached {
+    token: Secret,
+    expires_at: i64,
+}
+
+/// Obtains and caches event tokens.
+pub struct EventTokens {
+    exchanger: TokenExchanger,
+    verifier: Verifier,
+    min_lifetime: Duration,
+    cache: Mutex<HashMap<String, Cached>>,
+    exchanges: AtomicU64,
+}
+
+impl EventTokens {
+    /// Event tokens from `exchanger`, checked with `verifier`'s issuer and
+    /// keys, and refused below `min_lifetime` of remaining validity.
+    pub fn new(exchanger: TokenExchanger, verifier: Verifier, min_lifetime: Duration) -> Self {
+        Self {
+            exchanger,
+            verifier,
+            min_lifetime,
+            cache: Mutex::new(HashMap::new()),
+            exchanges: AtomicU64::new(0),
+        }
+    }
+
+    /// How many exchanges have been made.
+    pub fn exchange_count(&self) -> u64 {
+        self.exchanges.load(Ordering::Relaxed)
+    }
+
+    /// An event token for `user` to publish on `route`: from the cache when
+    /// one with enough lifetime is there, else by exchange.
+    pub async fn get(
+        &self,
+        user_token: &Secret,
+        user: &VerifiedClaims,
+        route: &EventRoute,
+    ) -> Result<Secret, EventTokenError> {
+        let key = format!(
+            "{}|{}|{}",
+            fingerprint(user_token.expose()),
+            route.scope,
+            route.audience
+        );
+        let now = SystemTime::now();
+        if let Some(token) = self.cached(&key, now) {
+            return Ok(token);
+        }
+
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        let token = self
+            .exchanger
+            .exchange(user_token, &route.scope, &route.audience)
+            .await?;
+        let claims = self.check(&token, user, route, now).await?;
+        tracing::debug!(
+            jti = claims.token_id.as_deref().unwrap_or("-"),
+            kid = %claims.key_id,
+            lifetime_s = claims.remaining_secs(now),
+            scope = %route.scope,
+            "event token issued"
+        );
+        self.store(key, &token, claims.expires_at, now);
+        Ok(token)
+    }
+
+    async fn check(
+        &self,
+        token: &Secret,
+        user: &VerifiedClaims,
+        route: &EventRoute,
+        now: SystemTime,
+    ) -> Result<VerifiedClaims, EventTokenError> {
+        let verifier = self
+            .verifier
+            .for_audience(&route.audience)
+            .map_err(|e| EventTokenError::Unusable(e.to_string()))?;
+        let claims = verifier
+            .verify_at(token.expose(), now)
+            .await
+            .map_err(|e| match e {
+                VerifyError::Unavailable(why) => EventTokenError::KeysUnavailable(why),
+                VerifyError::Rejected { reason, detail } => {
+                    EventTokenError::Unusable(format!("it fails verification ({reason}: {detail})"))
+                }
+            })?;
+
+        if claims.audience != [route.audience.as_str()] {
+            return Err(EventTokenError::Unusable(format!(
+                "aud is {:?}, requested exactly {:?}",
+                claims.audience, route.audience
+            )));
+        }
+        claims.check_exact_scope(&route.scope).map_err(|e| {
+            EventTokenError::Unusable(format!(
+                "scope is {:?}, requested exactly {:?} ({e})",
+                claims.scopes.join(" "),
+                route.scope
+            ))
+        })?;
+        if claims.subject != user.subject {
+            return Err(EventTokenError::Unusable(
+                "its subject is not the user's".into(),
+            ));
+        }
+        let remaining = claims.remaining_secs(now);
+        if remaining < self.min_lifetime.as_secs() as i64 {
+            return Err(EventTokenError::Unusable(format!(
+                "it is valid for {remaining} s, less than the required {} s",
+                self.min_lifetime.as_secs()
+            )));
+        }
+        Ok(claims)
+    }
+
+    fn cached(&self, key: &str, now: SystemTime) -> Option<Secret> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = cache.get(key)?;
+        let remaining = entry.expires_at - unix(now);
+        (remaining >= self.min_lifetime.as_secs() as i64).then(|| entry.token.clone())
+    }
+
+    fn store(&self, key: String, token: &Secret, expires_at: i64, now: SystemTime) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_CAPACITY {
+            let floor = unix(now) + self.min_lifetime.as_secs() as i64;
+            cache.retain(|_, c| c.expires_at >= floor);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            key,
+            Cached {
+                token: token.clone(),
+                expires_at,
+            },
+        );
+    }
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

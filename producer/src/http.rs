@@ -1,0 +1,177 @@
+//! The HTTP API: `POST /v1/events` and `GET /healthz`.
+//!
+//! A request carries the user's token as `Authorization: Bearer <JWT>`,
+//! an optional `Idempotency-Key`, and a JSON body
+//! `{"type": "...", "key": "...", "data": {...}}`. Success is `202
+//! Accepted` with `{"id": "<message id>", ...}`, sent only after the broker
+//! acknowledged the record. Errors are RFC 9457 problem documents.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use event_identity::contract::bearer_token;
+use event_identity::{Rejection, VerifyError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::publisher::{PublishError, PublishRequest, Publisher};
+
+/// Seconds a client should wait before retrying after a 503.
+const RETRY_AFTER_S: &str = "5";
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The API's routes over `publisher`.
+pub fn router(publisher: Arc<Publisher>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/events", post(publish))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(publisher)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody {
+    #[serde(rename = "type")]
+    event_type: String,
+    key: String,
+    data: Value,
+}
+
+async fn publish(
+    State(publisher): State<Arc<Publisher>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match handle(&publisher, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => problem_response(&error),
+    }
+}
+
+async fn handle(
+    publisher: &Publisher,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, PublishError> {
+    // Authentication comes first: an anonymous caller learns nothing about
+    // the request's shape.
+    let bearer = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            PublishError::Unauthenticated(VerifyError::Rejected {
+                reason: Rejection::MalformedToken,
+                detail: "Authorization is not a Bearer token".into(),
+            })
+        })?),
+    };
+    let (token, user) = publisher.authenticate(bearer).await?;
+
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => PublishError::InvalidRequest("payload_too_large".into()),
+        _ => PublishError::InvalidRequest(e.body_text()),
+    })?;
+    let body: EventBody = serde_json::from_slice(&body)
+        .map_err(|e| PublishError::InvalidRequest(format!("the body is not an event: {e}")))?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
+            Some(key.ok_or_else(|| {
+                PublishError::InvalidRequest(format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                ))
+            })?)
+        }
+    };
+
+    let request = PublishRequest {
+        event_type: body.event_type,
+        key: body.key,
+        data: body.data,
+        idempotency_key: idempotency_key.map(str::to_owned),
+    };
+    let event_type = request.event_type.clone();
+    let published = publisher.publish(&token, &user, request).await?;
+    let body = json!({
+        "id": published.id,
+        "type": event_type,
+        "partition": published.partition,
+        "offset": published.offset,
+    });
+    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+}
+
+fn problem_response(error: &PublishError) -> Response {
+    let (status, code, detail) = match error {
+        PublishError::Unauthenticated(VerifyError::Rejected { reason, detail }) => {
+            (StatusCode::UNAUTHORIZED, reason.code(), detail.clone())
+        }
+        PublishError::Unauthenticated(VerifyError::Unavailable(why))
+        | PublishError::Unavailable(why) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable", why.clone())
+        }
+        PublishError::Forbidden(why) => (
+            StatusCode::FORBIDDEN,
+            Rejection::Forbidden.code(),
+            why.clone(),
+        ),
+        PublishError::InvalidRequest(why) if why == "payload_too_large" => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than the configured limit".to_owned(),
+        ),
+        PublishError::InvalidRequest(why) => {
+            (StatusCode::BAD_REQUEST, "invalid_request", why.clone())
+        }
+        PublishError::TokenExchange(why) => (
+            StatusCode::BAD_GATEWAY,
+            "token_exchange_failed",
+            why.clone(),
+        ),
+    };
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), code, %detail, "publish failed");
+    } else {
+        tracing::debug!(status = status.as_u16(), code, %detail, "publish refused");
+    }
+
+    let body = json!({
+        "type": format!("urn:event-identity:problem:{code}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    });
+    let mut response = (status, body.to_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        // RFC 6750 section 3: tells the client to refresh its token.
+        let challenge = if code == Rejection::MissingToken.code() {
+            "Bearer".to_owned()
+        } else {
+            format!("Bearer error=\"invalid_token\", error_description=\"{code}\"")
+        };
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            headers.insert(header::WWW_AUTHENTICATE, value);
+        }
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+    }
+    response
+}

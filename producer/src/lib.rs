@@ -1,0 +1,94 @@
+//! The producer of identity-bearing events.
+//!
+//! A user's command arrives with the user's access token. The producer
+//! verifies that token itself, checks that the user may publish the event
+//! type, exchanges the token at the authorization server for an event token
+//! (RFC 8693) reduced to the event's one scope and addressed to its
+//! consumers, and publishes a CloudEvents record carrying that token. The
+//! caller learns the message ID only after the broker acknowledged the
+//! record.
+//!
+//! - [`Publisher`] does this for any Rust service.
+//! - [`http`] puts it behind an HTTP endpoint; [`run`] is that service.
+//! - [`config`] is the service's one configuration struct.
+
+pub mod config;
+pub mod event_tokens;
+pub mod http;
+pub mod publisher;
+pub mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+pub use config::ProducerConfig;
+pub use publisher::{PublishError, PublishRequest, Published, Publisher};
+
+/// A producer service bound to its port, not yet serving.
+pub struct Service {
+    listener: TcpListener,
+    publisher: Arc<Publisher>,
+    config: ProducerConfig,
+}
+
+impl Service {
+    /// Builds the publisher (discovery, keys, Kafka client) and binds the
+    /// HTTP port. Fails with a message naming the setting at fault.
+    pub async fn bind(config: ProducerConfig) -> anyhow::Result<Self> {
+        let publisher = Publisher::from_config(&config).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("--listen {}: cannot bind", config.listen))?;
+        Ok(Self {
+            listener,
+            publisher: Arc::new(publisher),
+            config,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The publisher behind the HTTP layer.
+    pub fn publisher(&self) -> Arc<Publisher> {
+        self.publisher.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting requests,
+    /// lets requests in flight finish, and flushes queued records within
+    /// the configured shutdown timeout.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let app = http::router(self.publisher.clone(), self.config.max_body_bytes);
+        tracing::info!(addr = %self.local_addr(), "producer listening");
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+
+        let undelivered = self.publisher.flush(self.config.shutdown_timeout()).await;
+        if undelivered == 0 {
+            tracing::info!("producer stopped; every accepted record was delivered");
+        } else {
+            tracing::error!(undelivered, "producer stopped with undelivered records");
+        }
+        Ok(())
+    }
+}
+
+/// Runs the producer service until `shutdown` completes.
+pub async fn run(
+    config: ProducerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Service::bind(config).await?.serve(shutdown).await
+}

@@ -1,0 +1,298 @@
+//! Publishing one identity-bearing event.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use event_identity::contract::{self, header};
+use event_identity::discovery::discover;
+use event_identity::exchange::{ExchangeConfig, ExchangeError, TokenExchanger};
+use event_identity::http::check_url;
+use event_identity::{Rejection, Secret, VerifiedClaims, Verifier, VerifierConfig, VerifyError};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use crate::config::ProducerConfig;
+use crate::event_tokens::{EventTokenError, EventTokens};
+use crate::routes::Routes;
+
+/// One event to publish.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// The CloudEvents type; must have a route.
+    pub event_type: String,
+    /// The partition key: the entity the event is about.
+    pub key: String,
+    /// The event data.
+    pub data: Value,
+    /// The client's `Idempotency-Key`, if any: a retry with the same key
+    /// publishes the same message ID.
+    pub idempotency_key: Option<String>,
+}
+
+/// Where an acknowledged event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The message ID (`ce_id`).
+    pub id: Uuid,
+    /// Kafka partition.
+    pub partition: i32,
+    /// Kafka offset.
+    pub offset: i64,
+}
+
+/// Why an event was not published. In every case nothing was published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The user token is missing or was rejected.
+    #[error("user token rejected: {0}")]
+    Unauthenticated(VerifyError),
+    /// The user may not publish this event type.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The request itself is unusable (unknown type, empty key...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The authorization server, its keys, or Kafka could not be reached.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The token exchange refused or returned an unusable event token.
+    #[error("{0}")]
+    TokenExchange(String),
+}
+
+/// Publishes events on behalf of verified users.
+pub struct Publisher {
+    user_verifier: Verifier,
+    routes: Routes,
+    tokens: EventTokens,
+    producer: FutureProducer,
+    topic: String,
+    source: String,
+    delivery_timeout: Duration,
+}
+
+impl Publisher {
+    /// Builds a publisher from the service configuration: discovers the
+    /// issuer's endpoints (unless given), loads its keys, and creates the
+    /// Kafka producer. Errors name the setting at fault.
+    pub async fn from_config(config: &ProducerConfig) -> anyhow::Result<Self> {
+        let http = event_identity::http::client(Duration::from_millis(config.http_timeout_ms));
+        let routes = Routes::new(config.routes.iter().cloned())
+            .map_err(|e| anyhow::anyhow!("--route: {e}"))?;
+
+        let (jwks_url, token_endpoint) = match (&config.jwks_url, &config.token_endpoint) {
+            (Some(jwks), Some(token)) => (
+                check_url(jwks, config.allow_plain_http)
+                    .map_err(|e| anyhow::anyhow!("--jwks-url: {e}"))?,
+                check_url(token, config.allow_plain_http)
+                    .map_err(|e| anyhow::anyhow!("--token-endpoint: {e}"))?,
+            ),
+            _ => {
+                let found = discover(&http, &config.issuer, config.allow_plain_http)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--issuer: {e}"))?;
+                let jwks = match &config.jwks_url {
+                    Some(url) => check_url(url, config.allow_plain_http)
+                        .map_err(|e| anyhow::anyhow!("--jwks-url: {e}"))?,
+                    None => found.jwks_uri,
+                };
+                let token = match &config.token_endpoint {
+                    Some(url) => check_url(url, config.allow_plain_http)
+                        .map_err(|e| anyhow::anyhow!("--token-endpoint: {e}"))?,
+                    None => found
+                        .token_endpoint
+                        .context("--issuer: the discovery document has no token_endpoint; set --token-endpoint")?,
+                };
+                (jwks, token)
+            }
+        };
+
+        let mut verifier_config =
+            VerifierConfig::new(&config.issuer, jwks_url, config.user_audience());
+        verifier_config.leeway = Duration::from_secs(config.leeway_s);
+        let user_verifier = Verifier::new(verifier_config, http.clone())
+            .map_err(|e| anyhow::anyhow!("--user-audience: {e}"))?;
+        let keys = user_verifier
+            .keys()
+            .refresh_now()
+            .await
+            .map_err(|e| anyhow::anyhow!("--issuer: cannot load the issuer's keys: {e}"))?;
+        tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
+
+        let exchanger = TokenExchanger::new(
+            ExchangeConfig {
+                token_endpoint,
+                client_id: config.client_id.clone(),
+                client_secret: config.client_secret.clone(),
+            },
+            http,
+        );
+        let tokens = EventTokens::new(
+            exchanger,
+            user_verifier.clone(),
+            Duration::from_secs(config.min_event_token_lifetime_s),
+        );
+
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka_bootstrap)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", config.delivery_timeout_ms.to_string())
+            .set("linger.ms", "5")
+            .create()
+            .context("--kafka-bootstrap: cannot create the Kafka producer")?;
+
+        Ok(Self {
+            user_verifier,
+            routes,
+            tokens,
+            producer,
+            topic: config.topic.clone(),
+            source: config.source.clone(),
+            delivery_timeout: Duration::from_millis(config.delivery_timeout_ms),
+        })
+    }
+
+    /// The event-token source, to inspect exchange counts.
+    pub fn event_tokens(&self) -> &EventTokens {
+        &self.tokens
+    }
+
+    /// Verifies a user's access token (the value of a Bearer header).
+    pub async fn authenticate(
+        &self,
+        token: Option<&str>,
+    ) -> Result<(Secret, VerifiedClaims), PublishError> {
+        let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
+            PublishError::Unauthenticated(VerifyError::Rejected {
+                reason: Rejection::MissingToken,
+                detail: "no bearer token".into(),
+            })
+        })?;
+        match self.user_verifier.verify(token).await {
+            Ok(claims) => Ok((Secret::new(token), claims)),
+            Err(VerifyError::Unavailable(why)) => Err(PublishError::Unavailable(why)),
+            Err(rejected) => Err(PublishError::Unauthenticated(rejected)),
+        }
+    }
+
+    /// Publishes `request` for `user` and returns once the broker has
+    /// acknowledged the record (acks=all, idempotent producer).
+    pub async fn publish(
+        &self,
+        user_token: &Secret,
+        user: &VerifiedClaims,
+        request: PublishRequest,
+    ) -> Result<Published, PublishError> {
+        let route = self.routes.get(&request.event_type).ok_or_else(|| {
+            PublishError::InvalidRequest(format!("unknown event type {:?}", request.event_type))
+        })?;
+        if request.key.is_empty() {
+            return Err(PublishError::InvalidRequest(
+                "the partition key is empty".into(),
+            ));
+        }
+        if !user.has_scope(&route.requires) {
+            return Err(PublishError::Forbidden(format!(
+                "publishing {} requires scope {}",
+                route.event_type, route.requires
+            )));
+        }
+
+        let event_token = self
+            .tokens
+            .get(user_token, user, route)
+            .await
+            .map_err(|e| match e {
+                EventTokenError::Exchange(ExchangeError::Unavailable(why)) => {
+                    PublishError::Unavailable(format!("token exchange: {why}"))
+                }
+                EventTokenError::KeysUnavailable(why) => {
+                    PublishError::Unavailable(format!("token exchange: {why}"))
+                }
+                other => PublishError::TokenExchange(other.to_string()),
+            })?;
+
+        let id = contract::message_id(&user.subject, request.idempotency_key.as_deref());
+        let time = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .unwrap_or_default();
+        let id_text = id.to_string();
+        let authorization = format!("Bearer {}", event_token.expose());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: header::SPEC_VERSION,
+                value: Some(contract::SPEC_VERSION),
+            })
+            .insert(Header {
+                key: header::ID,
+                value: Some(id_text.as_str()),
+            })
+            .insert(Header {
+                key: header::TYPE,
+                value: Some(route.event_type.as_str()),
+            })
+            .insert(Header {
+                key: header::SOURCE,
+                value: Some(self.source.as_str()),
+            })
+            .insert(Header {
+                key: header::TIME,
+                value: Some(time.as_str()),
+            })
+            .insert(Header {
+                key: header::CONTENT_TYPE,
+                value: Some(contract::CONTENT_TYPE),
+            })
+            .insert(Header {
+                key: header::AUTHORIZATION,
+                value: Some(authorization.as_str()),
+            });
+        let payload = serde_json::to_vec(&request.data)
+            .map_err(|e| PublishError::InvalidRequest(e.to_string()))?;
+        let record = FutureRecord::to(&self.topic)
+            .key(&request.key)
+            .payload(&payload)
+            .headers(headers);
+
+        let delivery = self
+            .producer
+            .send(record, self.delivery_timeout)
+            .await
+            .map_err(|(e, _)| {
+                PublishError::Unavailable(format!("Kafka did not acknowledge the record: {e}"))
+            })?;
+        tracing::debug!(
+            event_id = %id,
+            topic = %self.topic,
+            partition = delivery.partition,
+            offset = delivery.offset,
+            subject = %user.subject,
+            "event published"
+        );
+        Ok(Published {
+            id,
+            partition: delivery.partition,
+            offset: delivery.offset,
+        })
+    }
+
+    /// Delivers queued records, waiting at most `timeout`; returns how many
+    /// remain undelivered.
+    pub async fn flush(&self, timeout: Duration) -> usize {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = producer.flush(timeout) {
+                tracing::warn!(%error, "flush did not complete");
+            }
+            producer.in_flight_count().max(0) as usize
+        })
+        .await
+        .unwrap_or(0)
+    }
+}

@@ -1,0 +1,275 @@
+//! The message contract, version 1: a CloudEvents 1.0 record in binary
+//! content mode, as the CloudEvents Kafka protocol binding lays it out.
+//!
+//! | part | value |
+//! |---|---|
+//! | key | the partition key: the entity the event is about |
+//! | `ce_specversion` | `1.0` |
+//! | `ce_id` | the message ID, a UUID |
+//! | `ce_type` | the event type |
+//! | `ce_source` | the producer's URI |
+//! | `ce_time` | RFC 3339 time of publication |
+//! | `content-type` | `application/json` |
+//! | `authorization` | `Bearer <event token>` |
+//! | value | the event data, JSON |
+//!
+//! Who the user is comes from the verified token, never from these headers
+//! or the payload.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::reason::Rejection;
+use crate::secret::Secret;
+
+/// Header names of the contract.
+pub mod header {
+    /// CloudEvents spec version.
+    pub const SPEC_VERSION: &str = "ce_specversion";
+    /// Message ID.
+    pub const ID: &str = "ce_id";
+    /// Event type.
+    pub const TYPE: &str = "ce_type";
+    /// Producer URI.
+    pub const SOURCE: &str = "ce_source";
+    /// Publication time.
+    pub const TIME: &str = "ce_time";
+    /// Media type of the value.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// `Bearer <event token>`.
+    pub const AUTHORIZATION: &str = "authorization";
+}
+
+/// The CloudEvents version this contract uses.
+pub const SPEC_VERSION: &str = "1.0";
+/// The only content type of version 1.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// Namespace of name-based message IDs (UUID v5), fixed forever: changing it
+/// would give retried requests new IDs.
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_3c2e_9b4d_4e8a_a0c1_5d7e_2f9b_8c31);
+
+/// The message ID of a new event: a UUID v7, or, when the client sent an
+/// `Idempotency-Key`, a UUID v5 of the subject and that key, so a retried
+/// request yields the same ID and a different user's key never collides.
+pub fn message_id(subject: &str, idempotency_key: Option<&str>) -> Uuid {
+    match idempotency_key {
+        Some(key) => {
+            let name = format!("{}:{subject}\n{key}", subject.len());
+            Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, name.as_bytes())
+        }
+        None => Uuid::now_v7(),
+    }
+}
+
+/// The contract headers of an incoming record, checked for shape.
+pub struct IncomingHeaders {
+    /// `ce_id`.
+    pub id: Uuid,
+    /// `ce_type`.
+    pub event_type: String,
+    /// `ce_source`.
+    pub source: String,
+    /// `ce_time`, as sent.
+    pub time: Option<String>,
+    /// The bearer token from `authorization`.
+    pub token: Secret,
+}
+
+/// A record that does not follow the contract.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct ContractError {
+    /// `missing_token` or `malformed_payload`.
+    pub reason: Rejection,
+    /// What is wrong, without header values.
+    pub detail: String,
+}
+
+fn malformed(detail: impl Into<String>) -> ContractError {
+    ContractError {
+        reason: Rejection::MalformedPayload,
+        detail: detail.into(),
+    }
+}
+
+/// Reads the contract headers from `(name, value)` pairs. A header that
+/// appears twice is refused: a second `authorization` must not be able to
+/// shadow the first one in some reader.
+pub fn parse_headers<'a>(
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+) -> Result<IncomingHeaders, ContractError> {
+    let mut found: HashMap<&'static str, &'a [u8]> = HashMap::new();
+    for (name, value) in headers {
+        let Some(known) = known_header(name) else {
+            continue;
+        };
+        if found.insert(known, value.unwrap_or_default()).is_some() {
+            return Err(malformed(format!("header {known} appears more than once")));
+        }
+    }
+    let text = |name: &'static str| -> Result<Option<&'a str>, ContractError> {
+        found
+            .get(name)
+            .map(|v| {
+                std::str::from_utf8(v).map_err(|_| malformed(format!("header {name} is not UTF-8")))
+            })
+            .transpose()
+    };
+    let required = |name: &'static str| -> Result<&'a str, ContractError> {
+        text(name)?
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| malformed(format!("header {name} is missing")))
+    };
+
+    let token = match text(header::AUTHORIZATION)? {
+        None | Some("") => {
+            return Err(ContractError {
+                reason: Rejection::MissingToken,
+                detail: "no authorization header".into(),
+            });
+        }
+        Some(value) => bearer_token(value).ok_or_else(|| ContractError {
+            reason: Rejection::MalformedToken,
+            detail: "authorization is not a Bearer token".into(),
+        })?,
+    };
+    if required(header::SPEC_VERSION)? != SPEC_VERSION {
+        return Err(malformed(format!(
+            "{} is not {SPEC_VERSION}",
+            header::SPEC_VERSION
+        )));
+    }
+    let id =
+        Uuid::parse_str(required(header::ID)?).map_err(|_| malformed("ce_id is not a UUID"))?;
+    let event_type = required(header::TYPE)?.to_owned();
+    let source = required(header::SOURCE)?.to_owned();
+    let time = text(header::TIME)?.map(str::to_owned);
+    if let Some(content_type) = text(header::CONTENT_TYPE)? {
+        let media = content_type.split(';').next().unwrap_or_default().trim();
+        if !media.eq_ignore_ascii_case(CONTENT_TYPE) {
+            return Err(malformed(format!(
+                "content-type {media:?} is not {CONTENT_TYPE}"
+            )));
+        }
+    }
+    Ok(IncomingHeaders {
+        id,
+        event_type,
+        source,
+        time,
+        token: Secret::new(token),
+    })
+}
+
+/// Parses the record value as the event's JSON data.
+pub fn parse_data(value: Option<&[u8]>) -> Result<Value, ContractError> {
+    let bytes = value.ok_or_else(|| malformed("the record has no value"))?;
+    serde_json::from_slice(bytes).map_err(|e| malformed(format!("the value is not JSON: {e}")))
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme is
+/// case-insensitive, as RFC 6750 allows).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' '))
+        .then_some(token)
+}
+
+fn known_header(name: &str) -> Option<&'static str> {
+    [
+        header::SPEC_VERSION,
+        header::ID,
+        header::TYPE,
+        header::SOURCE,
+        header::TIME,
+        header::CONTENT_TYPE,
+        header::AUTHORIZATION,
+    ]
+    .into_iter()
+    .find(|known| known.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Vec<(&'static str, Option<&'static [u8]>)> {
+        vec![
+            ("ce_specversion", Some(b"1.0".as_slice())),
+            (
+                "ce_id",
+                Some(b"9f1c0000-0000-7000-8000-000000000001".as_slice()),
+            ),
+            ("ce_type", Some(b"com.example.order.created".as_slice())),
+            ("ce_source", Some(b"/event-producer".as_slice())),
+            ("content-type", Some(b"application/json".as_slice())),
+            ("authorization", Some(b"Bearer abc.def.ghi".as_slice())),
+        ]
+    }
+
+    #[test]
+    fn reads_a_valid_record() {
+        let parsed = parse_headers(valid()).unwrap();
+        assert_eq!(
+            parsed.id.to_string(),
+            "9f1c0000-0000-7000-8000-000000000001"
+        );
+        assert_eq!(parsed.event_type, "com.example.order.created");
+        assert_eq!(parsed.token.expose(), "abc.def.ghi");
+    }
+
+    #[test]
+    fn a_missing_authorization_is_missing_token() {
+        let headers = valid().into_iter().filter(|(n, _)| *n != "authorization");
+        assert_eq!(
+            parse_headers(headers).err().unwrap().reason,
+            Rejection::MissingToken
+        );
+    }
+
+    #[test]
+    fn a_second_authorization_header_is_refused() {
+        let mut headers = valid();
+        headers.push(("Authorization", Some(b"Bearer other.token.here".as_slice())));
+        let err = parse_headers(headers).err().unwrap();
+        assert_eq!(err.reason, Rejection::MalformedPayload);
+    }
+
+    #[test]
+    fn a_bad_id_is_malformed_payload() {
+        let mut headers = valid();
+        headers[1].1 = Some(b"not-a-uuid".as_slice());
+        assert_eq!(
+            parse_headers(headers).err().unwrap().reason,
+            Rejection::MalformedPayload
+        );
+    }
+
+    #[test]
+    fn non_json_data_is_malformed_payload() {
+        let err = parse_data(Some(&[0xFF, 0xFE, 0x00])).unwrap_err();
+        assert_eq!(err.reason, Rejection::MalformedPayload);
+        assert_eq!(parse_data(Some(br#"{"a":1}"#)).unwrap()["a"], 1);
+    }
+
+    #[test]
+    fn idempotency_keys_give_stable_per_user_ids() {
+        let a = message_id("user-1", Some("key-1"));
+        assert_eq!(a, message_id("user-1", Some("key-1")));
+        assert_ne!(a, message_id("user-2", Some("key-1")));
+        assert_ne!(a, message_id("user-1", Some("key-2")));
+        assert_eq!(a.get_version_num(), 5);
+        assert_eq!(message_id("user-1", None).get_version_num(), 7);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("bearer x.y.z"), Some("x.y.z"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+    }
+}

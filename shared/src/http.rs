@@ -1,0 +1,67 @@
+//! The HTTP client used toward the authorization server.
+
+use std::time::Duration;
+
+use url_check::is_loopback_host;
+
+/// Builds the one HTTP client a service uses for discovery, JWKS and token
+/// requests: bounded connect and request times, and no redirects, so a
+/// compromised or misconfigured endpoint cannot bounce key or token
+/// requests elsewhere.
+pub fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("the TLS backend initialises")
+}
+
+/// Checks that `url` may be used to fetch keys or tokens: HTTPS, or plain
+/// HTTP to a loopback address (development only). `allow_plain_http` lifts
+/// the loopback restriction for private networks such as a compose stack;
+/// anyone on that network can then read tokens and forge keys.
+pub fn check_url(url: &str, allow_plain_http: bool) -> Result<reqwest::Url, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "https" => Ok(parsed),
+        "http" if allow_plain_http || parsed.host_str().is_some_and(is_loopback_host) => Ok(parsed),
+        "http" => Err(format!(
+            "{url:?} uses plain HTTP to a non-loopback host; use https"
+        )),
+        other => Err(format!("{url:?} has unsupported scheme {other:?}")),
+    }
+}
+
+mod url_check {
+    /// True for `localhost` and loopback IP literals.
+    pub fn is_loopback_host(host: &str) -> bool {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_and_loopback_http_are_allowed() {
+        assert!(check_url("https://idp.example.test/realms/x", false).is_ok());
+        assert!(check_url("http://127.0.0.1:18080/realms/x", false).is_ok());
+        assert!(check_url("http://localhost:8080/", false).is_ok());
+        assert!(check_url("http://[::1]:8080/", false).is_ok());
+    }
+
+    #[test]
+    fn plain_http_elsewhere_is_refused() {
+        let err = check_url("http://idp.example.test/", false).unwrap_err();
+        assert!(err.contains("plain HTTP"), "{err}");
+        assert!(check_url("http://keycloak:8080/", true).is_ok());
+        assert!(check_url("ftp://127.0.0.1/", true).is_err());
+        assert!(check_url("not a url", false).is_err());
+    }
+}

@@ -1,0 +1,390 @@
+//! Helpers for the integration tests: the real services' addresses,
+//! Keycloak user tokens, fresh topics, and in-process producer and consumer
+//! services wired to them.
+//!
+//! The tests need a Kafka broker and Keycloak with the project's realm, as
+//! started by `scripts/kafka.sh start` and `scripts/keycloak.sh start` (the
+//! README's test command does both). When a service is missing the tests
+//! fail with a message saying which; they never skip.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use event_identity_consumer::{ConsumerBuilder, ConsumerConfig, EventConsumer, Stats};
+use event_identity_producer::{ProducerConfig, Publisher, Service};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// Kafka bootstrap address of the test broker.
+pub fn kafka_bootstrap() -> String {
+    std::env::var("EI_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// Base URL of the test Keycloak.
+pub fn keycloak_url() -> String {
+    std::env::var("EI_TEST_KEYCLOAK").unwrap_or_else(|_| "http://127.0.0.1:18080".into())
+}
+
+/// The realm's issuer identifier.
+pub fn issuer() -> String {
+    format!("{}/realms/event-identity", keycloak_url())
+}
+
+/// The event type the realm and routes are set up for.
+pub const EVENT_TYPE: &str = "com.example.order.created";
+/// Its event scope.
+pub const EVENT_SCOPE: &str = "events:order.created";
+/// The consumers' audience.
+pub const CONSUMER_AUDIENCE: &str = "order-consumer";
+/// The producer client's configured access-token lifespan, in seconds.
+pub const PRODUCER_TOKEN_LIFESPAN_S: i64 = 43_200;
+
+/// Installs a test log subscriber once (respects `RUST_LOG`).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,event_identity=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Panics with a clear message unless Kafka and Keycloak answer.
+pub async fn require_services() {
+    init_logs();
+    let discovery = format!("{}/.well-known/openid-configuration", issuer());
+    let keycloak = reqwest::get(&discovery)
+        .await
+        .map(|r| r.status().is_success());
+    assert!(
+        matches!(keycloak, Ok(true)),
+        "Keycloak is not serving the event-identity realm at {discovery} ({keycloak:?}); \
+         start it with `scripts/keycloak.sh start`"
+    );
+    let admin = admin();
+    let metadata = tokio::task::spawn_blocking(move || {
+        admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|m| m.brokers().len())
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(metadata, Ok(n) if n > 0),
+        "Kafka is not reachable at {} ({metadata:?}); start it with `scripts/kafka.sh start`",
+        kafka_bootstrap()
+    );
+}
+
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()
+        .expect("admin client")
+}
+
+/// A new, uniquely named topic with `partitions` partitions, and its
+/// dead-letter topic.
+pub async fn fresh_topic(partitions: i32) -> String {
+    let name = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let dead = dead_letter_topic(&name);
+    let topics = [
+        NewTopic::new(&name, partitions, TopicReplication::Fixed(1)),
+        NewTopic::new(&dead, 1, TopicReplication::Fixed(1)),
+    ];
+    let results = admin()
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .expect("create topics");
+    for result in results {
+        result.expect("topic created");
+    }
+    name
+}
+
+/// The dead-letter topic the test consumers use for `topic`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dead-letter")
+}
+
+/// Reads every record currently in `topic`, from the beginning.
+pub async fn read_all(topic: &str) -> Vec<OwnedMessage> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("reader");
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut expected = 0;
+        for p in 0..partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            expected += high - low;
+        }
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (records.len() as i64) < expected && Instant::now() < deadline {
+            if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+                records.push(message.detach());
+            }
+        }
+        assert_eq!(
+            records.len() as i64,
+            expected,
+            "could not read all of {topic}"
+        );
+        records
+    })
+    .await
+    .unwrap()
+}
+
+/// How many records `topic` holds.
+pub async fn record_count(topic: &str) -> i64 {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("group.id", "watermarks")
+            .create()
+            .expect("client");
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("metadata");
+        (0..metadata.topics()[0].partitions().len() as i32)
+            .map(|p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .unwrap();
+                high - low
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+/// A header's value as text.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The payload of a JWT, decoded without verification (for assertions).
+pub fn jwt_payload(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url")).expect("JSON")
+}
+
+/// A user access token from Keycloak by password grant.
+pub async fn user_token(client_id: &str, username: &str, password: &str) -> String {
+    let url = format!("{}/protocol/openid-connect/token", issuer());
+    let response = reqwest::Client::new()
+        .post(&url)
+        .form(&[
+            ("grant_type", "password"),
+            ("client_id", client_id),
+            ("username", username),
+            ("password", password),
+            ("scope", "openid orders:write"),
+        ])
+        .send()
+        .await
+        .expect("token request");
+    let status = response.status();
+    let body: Value = response.json().await.expect("token response");
+    assert!(
+        status.is_success(),
+        "password grant for {username} failed: {status} {body}"
+    );
+    body["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
+}
+
+/// Alice may publish order events.
+pub async fn alice_token() -> String {
+    user_token("event-api", "alice", "alice-password").await
+}
+
+/// Bob may not.
+pub async fn bob_token() -> String {
+    user_token("event-api", "bob", "bob-password").await
+}
+
+/// A running producer service.
+pub struct TestProducer {
+    /// Its HTTP address.
+    pub addr: SocketAddr,
+    /// The publisher behind it.
+    pub publisher: Arc<Publisher>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestProducer {
+    /// The URL of the publish endpoint.
+    pub fn events_url(&self) -> String {
+        format!("http://{}/v1/events", self.addr)
+    }
+
+    /// Stops it and waits for its flush.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Producer settings for `topic` against the test services.
+pub fn producer_config(topic: &str, extra: &[&str]) -> ProducerConfig {
+    let mut args = vec![
+        "event-producer".to_owned(),
+        "--listen=127.0.0.1:0".into(),
+        format!("--kafka-bootstrap={}", kafka_bootstrap()),
+        format!("--topic={topic}"),
+        format!("--issuer={}", issuer()),
+        "--client-id=event-producer".into(),
+        "--client-secret=producer-secret".into(),
+        format!(
+            "--route=type={EVENT_TYPE},requires=orders:write,scope={EVENT_SCOPE},audience={CONSUMER_AUDIENCE}"
+        ),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    <ProducerConfig as clap::Parser>::try_parse_from(args).expect("producer config")
+}
+
+/// Starts a producer service with `config`.
+pub async fn start_producer(config: ProducerConfig) -> TestProducer {
+    let service = Service::bind(config).await.expect("producer starts");
+    let addr = service.local_addr();
+    let publisher = service.publisher();
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    let task = tokio::spawn(service.serve(async move { signal.cancelled().await }));
+    TestProducer {
+        addr,
+        publisher,
+        stop,
+        task,
+    }
+}
+
+/// A running consumer.
+pub struct TestConsumer {
+    /// Its counters.
+    pub stats: Arc<Stats>,
+    /// Its inbox database URL.
+    pub database_url: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestConsumer {
+    /// Stops it and waits for its final commit.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+
+    /// Rows of the `events` table for `id`: (subject, claims JSON).
+    pub async fn events_for(&self, id: &str) -> Vec<(String, String)> {
+        let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
+        let rows = sqlx::query_as("SELECT subject, claims FROM events WHERE message_id = ?")
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        rows
+    }
+
+    /// Rows in the `events` table.
+    pub async fn event_count(&self) -> i64 {
+        let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        n
+    }
+
+    /// Waits until `done` holds for the stats, or panics after `timeout`.
+    pub async fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Stats) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.stats) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                self.stats
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Consumer settings for `topic` against the test services.
+pub fn consumer_config(topic: &str, database_url: &str, extra: &[&str]) -> ConsumerConfig {
+    let mut args = vec![
+        "event-consumer".to_owned(),
+        format!("--kafka-bootstrap={}", kafka_bootstrap()),
+        format!("--group=group-{topic}"),
+        format!("--topic={topic}"),
+        format!("--dead-letter-topic={}", dead_letter_topic(topic)),
+        format!("--issuer={}", issuer()),
+        format!("--audience={CONSUMER_AUDIENCE}"),
+        format!("--route=type={EVENT_TYPE},scope={EVENT_SCOPE},claim_equals_field=tenant:tenant"),
+        format!("--database-url={database_url}"),
+        "--max-retry-backoff-ms=1000".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    <ConsumerConfig as clap::Parser>::try_parse_from(args).expect("consumer config")
+}
+
+/// Starts a consumer on `topic` with a fresh SQLite inbox.
+pub async fn start_consumer(topic: &str) -> TestConsumer {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("inbox.db").display()
+    );
+    let consumer: EventConsumer = ConsumerBuilder::new(consumer_config(topic, &database_url, &[]))
+        .build()
+        .await
+        .expect("consumer starts");
+    let stats = consumer.stats();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    TestConsumer {
+        stats,
+        database_url,
+        stop,
+        task,
+        _dir: dir,
+    }
+}
