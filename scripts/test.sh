@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's test command: starts the real services the tests need
+# (Apache Kafka and Keycloak, in parallel), runs every test of the
+# workspace, and stops the services again, whatever the outcome.
+#
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p event-identity`).
+# Set EI_KEEP_SERVICES=1 to leave the services running afterwards.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+stop_services() {
+	if [ "${EI_KEEP_SERVICES:-0}" != 1 ]; then
+		scripts/kafka.sh stop || true
+		scripts/keycloak.sh stop || true
+	fi
+}
+trap stop_services EXIT
+
+start=$(date +%s)
+scripts/kafka.sh start >/dev/null &
+kafka=$!
+scripts/keycloak.sh start >/dev/null &
+keycloak=$!
+failed=0
+wait "$kafka" || { echo "test.sh: Kafka did not start" >&2; failed=1; }
+wait "$keycloak" || { echo "test.sh: Keycloak did not start" >&2; failed=1; }
+[ "$failed" = 0 ] || exit 1
+echo "test.sh: services ready in $(($(date +%s) - start))s" >&2
+
+cargo test --workspace --locked "$@"
