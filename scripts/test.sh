@@ -16,6 +16,10 @@ stop_services() {
 }
 trap stop_services EXIT
 
+# The tests find the services through these (see tests/src/lib.rs).
+export EI_TEST_KAFKA="127.0.0.1:${EI_KAFKA_PORT:-19092}"
+export EI_TEST_KEYCLOAK="http://127.0.0.1:${EI_KEYCLOAK_PORT:-18080}"
+
 start=$(date +%s)
 scripts/kafka.sh start >/dev/null &
 kafka=$!
