@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 /// Largest JWKS document accepted, in bytes.
@@ -88,6 +89,11 @@ impl Default for JwksTiming {
 struct KeySet {
     keys: HashMap<String, Arc<PublicKey>>,
     fetched_at: Option<Instant>,
+    /// A digest of the published keys, to tell a changed set from a
+    /// re-fetched identical one.
+    digest: [u8; 32],
+    /// Bumped whenever the published keys change.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -165,6 +171,13 @@ impl JwksCache {
         self.refresh.lock().await.fetches
     }
 
+    /// A number that changes whenever the published keys change; results
+    /// derived from the old keys (such as cached verifications) are stale
+    /// once it moves.
+    pub fn generation(&self) -> u64 {
+        self.snapshot().generation
+    }
+
     /// Whether a key set has been loaded at least once.
     pub fn is_loaded(&self) -> bool {
         self.snapshot().fetched_at.is_some()
@@ -196,11 +209,15 @@ impl JwksCache {
         state.last_attempt = Some(Instant::now());
         state.fetches += 1;
         match self.fetch().await {
-            Ok(keys) => {
+            Ok((keys, digest)) => {
                 tracing::info!(url = %self.url, keys = keys.len(), "fetched issuer keys");
+                let previous = self.snapshot();
+                let generation = previous.generation + u64::from(previous.digest != digest);
                 let set = KeySet {
                     keys,
                     fetched_at: Some(Instant::now()),
+                    digest,
+                    generation,
                 };
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
                 state.last_error = None;
@@ -212,7 +229,7 @@ impl JwksCache {
         }
     }
 
-    async fn fetch(&self) -> Result<HashMap<String, Arc<PublicKey>>, String> {
+    async fn fetch(&self) -> Result<(HashMap<String, Arc<PublicKey>>, [u8; 32]), String> {
         let mut response = self
             .http
             .get(self.url.clone())
@@ -235,7 +252,8 @@ impl JwksCache {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_key_set(&body)
+        let keys = parse_key_set(&body)?;
+        Ok((keys, Sha256::digest(&body).into()))
     }
 }
 

@@ -11,6 +11,8 @@
 //!   fingerprint that is logged in their place.
 
 pub mod contract;
+#[cfg(feature = "dev-issuer")]
+pub mod dev_issuer;
 pub mod discovery;
 pub mod exchange;
 pub mod http;

@@ -8,9 +8,9 @@
 //! NumericDates may be floats and a claim of the wrong JSON type is reported
 //! as malformed rather than missing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -18,6 +18,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::jwks::{JwksCache, JwksTiming, KeyError};
 use crate::reason::Rejection;
@@ -47,6 +48,11 @@ pub struct VerifierConfig {
     pub max_token_bytes: usize,
     /// Key cache timing.
     pub jwks_timing: JwksTiming,
+    /// How many successful verifications are remembered, keyed by a hash
+    /// of the whole token, so a token seen again costs a lookup instead of
+    /// a signature check. Entries end with the token's `exp` and whenever
+    /// the issuer's key set changes. Default 10,000; 0 disables the cache.
+    pub cache_capacity: usize,
 }
 
 impl VerifierConfig {
@@ -64,6 +70,7 @@ impl VerifierConfig {
             leeway: Duration::from_secs(30),
             max_token_bytes: 16 * 1024,
             jwks_timing: JwksTiming::default(),
+            cache_capacity: 10_000,
         }
     }
 }
@@ -216,6 +223,53 @@ impl fmt::Debug for VerifiedClaims {
 pub struct Verifier {
     config: Arc<VerifierConfig>,
     keys: Arc<JwksCache>,
+    cache: Arc<VerifiedCache>,
+}
+
+/// Successful verifications by token hash.
+struct VerifiedCache {
+    capacity: usize,
+    entries: Mutex<HashMap<[u8; 32], Cached>>,
+}
+
+struct Cached {
+    claims: VerifiedClaims,
+    /// `exp` plus leeway: the entry is dead from then on.
+    valid_until: f64,
+    /// The key-set generation it was verified under.
+    generation: u64,
+}
+
+impl VerifiedCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, hash: &[u8; 32], now: f64, generation: u64) -> Option<VerifiedClaims> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.get(hash)?;
+        (entry.generation == generation && now < entry.valid_until).then(|| entry.claims.clone())
+    }
+
+    fn put(&self, hash: [u8; 32], entry: Cached, now: f64) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= self.capacity {
+            entries.retain(|_, e| now < e.valid_until && e.generation == entry.generation);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, entry);
+    }
 }
 
 impl Verifier {
@@ -238,9 +292,11 @@ impl Verifier {
             return Err(ConfigError::SymmetricAlgorithm(format!("{alg:?}")));
         }
         let keys = JwksCache::new(config.jwks_url.clone(), http, config.jwks_timing);
+        let cache = VerifiedCache::new(config.cache_capacity);
         Ok(Self {
             config: Arc::new(config),
             keys: Arc::new(keys),
+            cache: Arc::new(cache),
         })
     }
 
@@ -254,9 +310,11 @@ impl Verifier {
             audience: audience.to_owned(),
             ..(*self.config).clone()
         };
+        let cache = VerifiedCache::new(config.cache_capacity);
         Ok(Self {
             config: Arc::new(config),
             keys: self.keys.clone(),
+            cache: Arc::new(cache),
         })
     }
 
@@ -282,6 +340,13 @@ impl Verifier {
         now: SystemTime,
     ) -> Result<VerifiedClaims, VerifyError> {
         let parts = split_token(token, self.config.max_token_bytes)?;
+        let now = unix_secs(now);
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let generation = self.keys.generation();
+        if let Some(claims) = self.cache.get(&hash, now, generation) {
+            return Ok(claims);
+        }
+
         let header = parse_header(parts.header)?;
         if !self.config.algorithms.contains(&header.alg) {
             return Err(VerifyError::reject(
@@ -319,7 +384,15 @@ impl Verifier {
         }
 
         let claims = parse_object(parts.payload, "payload")?;
-        self.check_claims(claims, header.kid, unix_secs(now))
+        let claims = self.check_claims(claims, header.kid, now)?;
+        let valid_until = claims.expires_at as f64 + self.config.leeway.as_secs_f64();
+        let cached = Cached {
+            claims: claims.clone(),
+            valid_until,
+            generation,
+        };
+        self.cache.put(hash, cached, now);
+        Ok(claims)
     }
 
     fn check_claims(
