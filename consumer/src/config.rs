@@ -24,20 +24,11 @@ pub struct ConsumerConfig {
     pub group: String,
 
     /// Topics to consume, comma-separated.
-    #[arg(
-        long = "topic",
-        env = "EI_TOPICS",
-        value_delimiter = ',',
-        default_value = "events"
-    )]
+    #[arg(long = "topic", env = "EI_TOPICS", value_delimiter = ',', default_value = "events")]
     pub topics: Vec<String>,
 
     /// Topic that rejected messages are written to, with their reason.
-    #[arg(
-        long,
-        env = "EI_DEAD_LETTER_TOPIC",
-        default_value = "events.dead-letter"
-    )]
+    #[arg(long, env = "EI_DEAD_LETTER_TOPIC", default_value = "events.dead-letter")]
     pub dead_letter_topic: String,
 
     /// The authorization server's issuer identifier (exact `iss`).
@@ -62,12 +53,7 @@ pub struct ConsumerConfig {
     /// A consumable event type and its rules:
     /// `type=T,scope=EVENT_SCOPE[,claim_equals_field=CLAIM:FIELD][,claim_in=CLAIM:V1|V2]`.
     /// Repeat the flag, or separate routes with `;` in the variable.
-    #[arg(
-        long = "route",
-        env = "EI_ROUTES",
-        value_delimiter = ';',
-        required = true
-    )]
+    #[arg(long = "route", env = "EI_ROUTES", value_delimiter = ';', required = true)]
     pub routes: Vec<RouteSpec>,
 
     /// The inbox database: `sqlite://PATH?mode=rwc` (embedded default) or

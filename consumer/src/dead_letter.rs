@@ -50,11 +50,7 @@ impl DeadLetters {
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", "30000")
             .create()?;
-        Ok(Self {
-            producer,
-            topic: topic.to_owned(),
-            group: group.to_owned(),
-        })
+        Ok(Self { producer, topic: topic.to_owned(), group: group.to_owned() })
     }
 
     /// The topic written to.
@@ -72,56 +68,27 @@ impl DeadLetters {
     ) -> Result<(), KafkaError> {
         let mut detail = detail.to_owned();
         if detail.len() > MAX_DETAIL {
-            let cut = (0..=MAX_DETAIL)
-                .rev()
-                .find(|i| detail.is_char_boundary(*i))
-                .unwrap_or(0);
+            let cut = (0..=MAX_DETAIL).rev().find(|i| detail.is_char_boundary(*i)).unwrap_or(0);
             detail.truncate(cut);
         }
         let partition = message.partition().to_string();
         let offset = message.offset().to_string();
-        let time = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .unwrap_or_default();
+        let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
 
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
             for h in original.iter() {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
+                headers = headers.insert(Header { key: h.key, value: h.value });
             }
         }
         let headers = headers
-            .insert(Header {
-                key: header::REASON,
-                value: Some(reason.code()),
-            })
-            .insert(Header {
-                key: header::DETAIL,
-                value: Some(detail.as_str()),
-            })
-            .insert(Header {
-                key: header::TOPIC,
-                value: Some(message.topic()),
-            })
-            .insert(Header {
-                key: header::PARTITION,
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: header::OFFSET,
-                value: Some(offset.as_str()),
-            })
-            .insert(Header {
-                key: header::GROUP,
-                value: Some(self.group.as_str()),
-            })
-            .insert(Header {
-                key: header::TIME,
-                value: Some(time.as_str()),
-            });
+            .insert(Header { key: header::REASON, value: Some(reason.code()) })
+            .insert(Header { key: header::DETAIL, value: Some(detail.as_str()) })
+            .insert(Header { key: header::TOPIC, value: Some(message.topic()) })
+            .insert(Header { key: header::PARTITION, value: Some(partition.as_str()) })
+            .insert(Header { key: header::OFFSET, value: Some(offset.as_str()) })
+            .insert(Header { key: header::GROUP, value: Some(self.group.as_str()) })
+            .insert(Header { key: header::TIME, value: Some(time.as_str()) });
 
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.topic).headers(headers);
@@ -131,10 +98,6 @@ impl DeadLetters {
         if let Some(value) = message.payload() {
             record = record.payload(value);
         }
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
+        self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
     }
 }

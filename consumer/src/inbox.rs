@@ -2,7 +2,8 @@
 //!
 //! Processing a message opens one database transaction, inserts the
 //! message ID into `inbox` if it is absent (an atomic insert on the primary
-//! key), runs the handler inside the same transaction, and commits. A
+//! key, which is the pair of the verified subject and the message ID, so a
+//! record under someone else's identity can never suppress a user's event), runs the handler inside the same transaction, and commits. A
 //! message ID already present means the effect is already durable: the
 //! transaction is rolled back and the message acknowledged. A handler that
 //! fails rolls the transaction back, marker included, so a retry can
@@ -126,13 +127,14 @@ impl Inbox {
     async fn create_tables(&self) -> Result<(), sqlx::Error> {
         for statement in [
             "CREATE TABLE IF NOT EXISTS inbox (
-                message_id TEXT PRIMARY KEY,
-                event_type TEXT NOT NULL,
                 subject TEXT NOT NULL,
-                processed_at TEXT NOT NULL
+                message_id TEXT NOT NULL,
+                event_type TEXT NOT NULL,
+                processed_at TEXT NOT NULL,
+                PRIMARY KEY (subject, message_id)
             )",
             "CREATE TABLE IF NOT EXISTS events (
-                message_id TEXT PRIMARY KEY,
+                message_id TEXT NOT NULL,
                 event_type TEXT NOT NULL,
                 source TEXT NOT NULL,
                 subject TEXT NOT NULL,
@@ -143,7 +145,8 @@ impl Inbox {
                 kafka_topic TEXT NOT NULL,
                 kafka_partition INTEGER NOT NULL,
                 kafka_offset BIGINT NOT NULL,
-                received_at TEXT NOT NULL
+                received_at TEXT NOT NULL,
+                PRIMARY KEY (subject, message_id)
             )",
         ] {
             self.pool.execute(statement).await?;
@@ -161,7 +164,7 @@ impl Inbox {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO inbox (message_id, event_type, subject, processed_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (message_id) DO NOTHING",
+             ON CONFLICT (subject, message_id) DO NOTHING",
         )
         .bind(event.id.to_string())
         .bind(&event.event_type)
@@ -215,7 +218,5 @@ impl Handler for RecordEvents {
 }
 
 fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default()
+    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
 }

@@ -47,11 +47,7 @@ pub struct ConsumerBuilder {
 impl ConsumerBuilder {
     /// A builder with the default handler ([`RecordEvents`]).
     pub fn new(config: ConsumerConfig) -> Self {
-        Self {
-            config,
-            handler: Arc::new(RecordEvents),
-            policies: Vec::new(),
-        }
+        Self { config, handler: Arc::new(RecordEvents), policies: Vec::new() }
     }
 
     /// Replaces the handler.
@@ -73,9 +69,7 @@ impl ConsumerBuilder {
         let mut routes =
             Routes::from_specs(&config.routes).map_err(|e| anyhow::anyhow!("--route: {e}"))?;
         for (event_type, policy) in self.policies {
-            routes
-                .add_policy(&event_type, policy)
-                .map_err(|e| anyhow::anyhow!("policy: {e}"))?;
+            routes.add_policy(&event_type, policy).map_err(|e| anyhow::anyhow!("policy: {e}"))?;
         }
 
         let http = event_identity::http::client(Duration::from_millis(config.http_timeout_ms));
@@ -100,20 +94,12 @@ impl ConsumerBuilder {
             .map_err(|e| anyhow::anyhow!("--issuer: cannot load the issuer's keys: {e}"))?;
         tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
 
-        let inbox = Inbox::connect(&config.database_url)
-            .await
-            .with_context(|| {
-                format!(
-                    "--database-url: cannot open the inbox at {}",
-                    redact_url(&config.database_url)
-                )
-            })?;
-        let dead_letters = DeadLetters::new(
-            &config.kafka_bootstrap,
-            &config.dead_letter_topic,
-            &config.group,
-        )
-        .context("--kafka-bootstrap: cannot create the dead-letter producer")?;
+        let inbox = Inbox::connect(&config.database_url).await.with_context(|| {
+            format!("--database-url: cannot open the inbox at {}", redact_url(&config.database_url))
+        })?;
+        let dead_letters =
+            DeadLetters::new(&config.kafka_bootstrap, &config.dead_letter_topic, &config.group)
+                .context("--kafka-bootstrap: cannot create the dead-letter producer")?;
 
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.kafka_bootstrap)
@@ -127,9 +113,7 @@ impl ConsumerBuilder {
             .create()
             .context("--kafka-bootstrap: cannot create the Kafka consumer")?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .context("--topic: cannot subscribe")?;
+        consumer.subscribe(&topics).context("--topic: cannot subscribe")?;
 
         let pipeline = Pipeline {
             verifier,
@@ -163,10 +147,7 @@ impl EventConsumer {
 
     /// Consumes until `stop` is cancelled, then commits settled offsets.
     pub async fn run(self, stop: CancellationToken) {
-        tracing::info!(
-            dead_letter_topic = self.pipeline.dead_letters.topic(),
-            "consumer running"
-        );
+        tracing::info!(dead_letter_topic = self.pipeline.dead_letters.topic(), "consumer running");
         self.pipeline.run(&self.consumer, &stop).await;
         tracing::info!("consumer stopped");
     }

@@ -44,9 +44,9 @@ impl ClaimsPolicy for Rule {
                 };
                 match data.get(field) {
                     Some(actual) if actual == expected => Ok(()),
-                    Some(_) => Err(format!(
-                        "data.{field} does not match the token's {claim} claim"
-                    )),
+                    Some(_) => {
+                        Err(format!("data.{field} does not match the token's {claim} claim"))
+                    }
                     None => Err(format!("data.{field} is missing")),
                 }
             }
@@ -77,9 +77,8 @@ impl FromStr for RouteSpec {
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let (mut event_type, mut scope, mut rules) = (None, None, Vec::new());
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not name=value"))?;
+            let (name, value) =
+                part.split_once('=').ok_or_else(|| format!("{part:?} is not name=value"))?;
             let value = value.trim();
             if value.is_empty() {
                 return Err(format!("{name} has no value"));
@@ -144,18 +143,9 @@ impl Routes {
     pub fn from_specs(specs: &[RouteSpec]) -> Result<Self, String> {
         let mut routes = Self::default();
         for spec in specs {
-            let policies = spec
-                .rules
-                .iter()
-                .map(|r| Arc::new(r.clone()) as Arc<dyn ClaimsPolicy>)
-                .collect();
-            routes.insert(
-                &spec.event_type,
-                Route {
-                    scope: spec.scope.clone(),
-                    policies,
-                },
-            )?;
+            let policies =
+                spec.rules.iter().map(|r| Arc::new(r.clone()) as Arc<dyn ClaimsPolicy>).collect();
+            routes.insert(&spec.event_type, Route { scope: spec.scope.clone(), policies })?;
         }
         Ok(routes)
     }
@@ -174,10 +164,8 @@ impl Routes {
         event_type: &str,
         policy: Arc<dyn ClaimsPolicy>,
     ) -> Result<(), String> {
-        let route = self
-            .0
-            .get_mut(event_type)
-            .ok_or_else(|| format!("no route for {event_type:?}"))?;
+        let route =
+            self.0.get_mut(event_type).ok_or_else(|| format!("no route for {event_type:?}"))?;
         route.policies.push(policy);
         Ok(())
     }
@@ -202,10 +190,7 @@ mod tests {
         assert_eq!(
             spec.rules,
             vec![
-                Rule::ClaimEqualsField {
-                    claim: "tenant".into(),
-                    field: "tenant".into()
-                },
+                Rule::ClaimEqualsField { claim: "tenant".into(), field: "tenant".into() },
                 Rule::ClaimIn {
                     claim: "tenant".into(),
                     values: vec!["acme".into(), "globex".into()]
@@ -216,10 +201,7 @@ mod tests {
 
     #[test]
     fn names_what_is_wrong() {
-        assert_eq!(
-            "type=a".parse::<RouteSpec>().unwrap_err(),
-            "scope= is missing"
-        );
+        assert_eq!("type=a".parse::<RouteSpec>().unwrap_err(), "scope= is missing");
         assert!(
             "type=a,scope=b,claim_in=tenant"
                 .parse::<RouteSpec>()

@@ -36,10 +36,7 @@ pub struct Stats {
 impl Stats {
     /// Rejections by reason code.
     pub fn rejected(&self) -> HashMap<&'static str, u64> {
-        self.rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn reject(&self, reason: Rejection) {

@@ -11,11 +11,7 @@ use crate::routes::EventRoute;
 
 /// Settings of the `event-producer` service.
 #[derive(Parser, Clone)]
-#[command(
-    name = "event-producer",
-    version,
-    about = "Publishes identity-bearing events to Kafka"
-)]
+#[command(name = "event-producer", version, about = "Publishes identity-bearing events to Kafka")]
 pub struct ProducerConfig {
     /// Address the HTTP API listens on.
     #[arg(long, env = "EI_PRODUCER_LISTEN", default_value = "127.0.0.1:8080")]
@@ -57,6 +53,12 @@ pub struct ProducerConfig {
     #[arg(long, env = "EI_CLIENT_SECRET", hide_env_values = true)]
     pub client_secret: Secret,
 
+    /// Key of the HMAC that turns a user's `Idempotency-Key` into a message
+    /// ID; default: the client secret. Every replica must use the same one,
+    /// and changing it gives retries of earlier requests new IDs.
+    #[arg(long, env = "EI_MESSAGE_ID_SECRET", hide_env_values = true)]
+    pub message_id_secret: Option<Secret>,
+
     /// Audience user tokens must name; default: the client ID.
     #[arg(long, env = "EI_USER_AUDIENCE")]
     pub user_audience: Option<String>,
@@ -64,12 +66,7 @@ pub struct ProducerConfig {
     /// A publishable event type:
     /// `type=T,requires=USER_SCOPE,scope=EVENT_SCOPE,audience=CONSUMERS`.
     /// Repeat the flag, or separate routes with `;` in the variable.
-    #[arg(
-        long = "route",
-        env = "EI_ROUTES",
-        value_delimiter = ';',
-        required = true
-    )]
+    #[arg(long = "route", env = "EI_ROUTES", value_delimiter = ';', required = true)]
     pub routes: Vec<EventRoute>,
 
     /// Least remaining lifetime an event token must have to be published

@@ -76,22 +76,15 @@ impl EventTokens {
         user: &VerifiedClaims,
         route: &EventRoute,
     ) -> Result<Secret, EventTokenError> {
-        let key = format!(
-            "{}|{}|{}",
-            fingerprint(user_token.expose()),
-            route.scope,
-            route.audience
-        );
+        let key =
+            format!("{}|{}|{}", fingerprint(user_token.expose()), route.scope, route.audience);
         let now = SystemTime::now();
         if let Some(token) = self.cached(&key, now) {
             return Ok(token);
         }
 
         self.exchanges.fetch_add(1, Ordering::Relaxed);
-        let token = self
-            .exchanger
-            .exchange(user_token, &route.scope, &route.audience)
-            .await?;
+        let token = self.exchanger.exchange(user_token, &route.scope, &route.audience).await?;
         let claims = self.check(&token, user, route, now).await?;
         tracing::debug!(
             jti = claims.token_id.as_deref().unwrap_or("-"),
@@ -115,15 +108,12 @@ impl EventTokens {
             .verifier
             .for_audience(&route.audience)
             .map_err(|e| EventTokenError::Unusable(e.to_string()))?;
-        let claims = verifier
-            .verify_at(token.expose(), now)
-            .await
-            .map_err(|e| match e {
-                VerifyError::Unavailable(why) => EventTokenError::KeysUnavailable(why),
-                VerifyError::Rejected { reason, detail } => {
-                    EventTokenError::Unusable(format!("it fails verification ({reason}: {detail})"))
-                }
-            })?;
+        let claims = verifier.verify_at(token.expose(), now).await.map_err(|e| match e {
+            VerifyError::Unavailable(why) => EventTokenError::KeysUnavailable(why),
+            VerifyError::Rejected { reason, detail } => {
+                EventTokenError::Unusable(format!("it fails verification ({reason}: {detail})"))
+            }
+        })?;
 
         if claims.audience != [route.audience.as_str()] {
             return Err(EventTokenError::Unusable(format!(
@@ -139,9 +129,7 @@ impl EventTokens {
             ))
         })?;
         if claims.subject != user.subject {
-            return Err(EventTokenError::Unusable(
-                "its subject is not the user's".into(),
-            ));
+            return Err(EventTokenError::Unusable("its subject is not the user's".into()));
         }
         let remaining = claims.remaining_secs(now);
         if remaining < self.min_lifetime.as_secs() as i64 {
@@ -169,18 +157,10 @@ impl EventTokens {
                 cache.clear();
             }
         }
-        cache.insert(
-            key,
-            Cached {
-                token: token.clone(),
-                expires_at,
-            },
-        );
+        cache.insert(key, Cached { token: token.clone(), expires_at });
     }
 }
 
 fn unix(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }

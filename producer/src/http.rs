@@ -63,7 +63,13 @@ async fn handle(
 ) -> Result<Response, PublishError> {
     // Authentication comes first: an anonymous caller learns nothing about
     // the request's shape.
-    let bearer = match headers.get(header::AUTHORIZATION) {
+    let mut authorizations = headers.get_all(header::AUTHORIZATION).iter();
+    let first = authorizations.next();
+    if authorizations.next().is_some() {
+        // Different readers would pick different ones: refuse to choose.
+        return Err(PublishError::InvalidRequest("more than one Authorization header".into()));
+    }
+    let bearer = match first {
         None => None,
         Some(value) => Some(value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
             PublishError::Unauthenticated(VerifyError::Rejected {
@@ -78,15 +84,14 @@ async fn handle(
         StatusCode::PAYLOAD_TOO_LARGE => PublishError::InvalidRequest("payload_too_large".into()),
         _ => PublishError::InvalidRequest(e.body_text()),
     })?;
-    let body: EventBody = serde_json::from_slice(&body)
+    let body: EventBody = event_identity::json::parse_strict(&body)
+        .and_then(serde_json::from_value)
         .map_err(|e| PublishError::InvalidRequest(format!("the body is not an event: {e}")))?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => {
-            let key = value
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
+            let key =
+                value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
             Some(key.ok_or_else(|| {
                 PublishError::InvalidRequest(format!(
                     "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
@@ -121,11 +126,9 @@ fn problem_response(error: &PublishError) -> Response {
         | PublishError::Unavailable(why) => {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable", why.clone())
         }
-        PublishError::Forbidden(why) => (
-            StatusCode::FORBIDDEN,
-            Rejection::Forbidden.code(),
-            why.clone(),
-        ),
+        PublishError::Forbidden(why) => {
+            (StatusCode::FORBIDDEN, Rejection::Forbidden.code(), why.clone())
+        }
         PublishError::InvalidRequest(why) if why == "payload_too_large" => (
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -134,11 +137,9 @@ fn problem_response(error: &PublishError) -> Response {
         PublishError::InvalidRequest(why) => {
             (StatusCode::BAD_REQUEST, "invalid_request", why.clone())
         }
-        PublishError::TokenExchange(why) => (
-            StatusCode::BAD_GATEWAY,
-            "token_exchange_failed",
-            why.clone(),
-        ),
+        PublishError::TokenExchange(why) => {
+            (StatusCode::BAD_GATEWAY, "token_exchange_failed", why.clone())
+        }
     };
     if status.is_server_error() {
         tracing::warn!(status = status.as_u16(), code, %detail, "publish failed");
@@ -155,10 +156,7 @@ fn problem_response(error: &PublishError) -> Response {
     });
     let mut response = (status, body.to_string()).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
     if status == StatusCode::UNAUTHORIZED {
         // RFC 6750 section 3: tells the client to refresh its token.
         let challenge = if code == Rejection::MissingToken.code() {

@@ -43,18 +43,12 @@ impl Service {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("--listen {}: cannot bind", config.listen))?;
-        Ok(Self {
-            listener,
-            publisher: Arc::new(publisher),
-            config,
-        })
+        Ok(Self { listener, publisher: Arc::new(publisher), config })
     }
 
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     /// The publisher behind the HTTP layer.
@@ -71,9 +65,7 @@ impl Service {
     ) -> anyhow::Result<()> {
         let app = http::router(self.publisher.clone(), self.config.max_body_bytes);
         tracing::info!(addr = %self.local_addr(), "producer listening");
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
 
         let undelivered = self.publisher.flush(self.config.shutdown_timeout()).await;
         if undelivered == 0 {

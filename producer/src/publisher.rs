@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use event_identity::contract::{self, header};
+use event_identity::contract::{self, MessageIds, header};
 use event_identity::discovery::discover;
 use event_identity::exchange::{ExchangeConfig, ExchangeError, TokenExchanger};
 use event_identity::http::check_url;
@@ -74,6 +74,7 @@ pub struct Publisher {
     topic: String,
     source: String,
     delivery_timeout: Duration,
+    message_ids: MessageIds,
 }
 
 impl Publisher {
@@ -155,6 +156,9 @@ impl Publisher {
             topic: config.topic.clone(),
             source: config.source.clone(),
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms),
+            message_ids: MessageIds::new(
+                config.message_id_secret.clone().unwrap_or_else(|| config.client_secret.clone()),
+            ),
         })
     }
 
@@ -193,9 +197,7 @@ impl Publisher {
             PublishError::InvalidRequest(format!("unknown event type {:?}", request.event_type))
         })?;
         if request.key.is_empty() {
-            return Err(PublishError::InvalidRequest(
-                "the partition key is empty".into(),
-            ));
+            return Err(PublishError::InvalidRequest("the partition key is empty".into()));
         }
         if !user.has_scope(&route.requires) {
             return Err(PublishError::Forbidden(format!(
@@ -204,67 +206,35 @@ impl Publisher {
             )));
         }
 
-        let event_token = self
-            .tokens
-            .get(user_token, user, route)
-            .await
-            .map_err(|e| match e {
-                EventTokenError::Exchange(ExchangeError::Unavailable(why)) => {
-                    PublishError::Unavailable(format!("token exchange: {why}"))
-                }
-                EventTokenError::KeysUnavailable(why) => {
-                    PublishError::Unavailable(format!("token exchange: {why}"))
-                }
-                other => PublishError::TokenExchange(other.to_string()),
-            })?;
+        let event_token = self.tokens.get(user_token, user, route).await.map_err(|e| match e {
+            EventTokenError::Exchange(ExchangeError::Unavailable(why)) => {
+                PublishError::Unavailable(format!("token exchange: {why}"))
+            }
+            EventTokenError::KeysUnavailable(why) => {
+                PublishError::Unavailable(format!("token exchange: {why}"))
+            }
+            other => PublishError::TokenExchange(other.to_string()),
+        })?;
 
-        let id = contract::message_id(&user.subject, request.idempotency_key.as_deref());
-        let time = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .unwrap_or_default();
+        let id = self.message_ids.derive(&user.subject, request.idempotency_key.as_deref());
+        let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
         let id_text = id.to_string();
         let authorization = format!("Bearer {}", event_token.expose());
         let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: header::SPEC_VERSION,
-                value: Some(contract::SPEC_VERSION),
-            })
-            .insert(Header {
-                key: header::ID,
-                value: Some(id_text.as_str()),
-            })
-            .insert(Header {
-                key: header::TYPE,
-                value: Some(route.event_type.as_str()),
-            })
-            .insert(Header {
-                key: header::SOURCE,
-                value: Some(self.source.as_str()),
-            })
-            .insert(Header {
-                key: header::TIME,
-                value: Some(time.as_str()),
-            })
-            .insert(Header {
-                key: header::CONTENT_TYPE,
-                value: Some(contract::CONTENT_TYPE),
-            })
-            .insert(Header {
-                key: header::AUTHORIZATION,
-                value: Some(authorization.as_str()),
-            });
+            .insert(Header { key: header::SPEC_VERSION, value: Some(contract::SPEC_VERSION) })
+            .insert(Header { key: header::ID, value: Some(id_text.as_str()) })
+            .insert(Header { key: header::TYPE, value: Some(route.event_type.as_str()) })
+            .insert(Header { key: header::SOURCE, value: Some(self.source.as_str()) })
+            .insert(Header { key: header::TIME, value: Some(time.as_str()) })
+            .insert(Header { key: header::CONTENT_TYPE, value: Some(contract::CONTENT_TYPE) })
+            .insert(Header { key: header::AUTHORIZATION, value: Some(authorization.as_str()) });
         let payload = serde_json::to_vec(&request.data)
             .map_err(|e| PublishError::InvalidRequest(e.to_string()))?;
-        let record = FutureRecord::to(&self.topic)
-            .key(&request.key)
-            .payload(&payload)
-            .headers(headers);
+        let record =
+            FutureRecord::to(&self.topic).key(&request.key).payload(&payload).headers(headers);
 
-        let delivery = self
-            .producer
-            .send(record, self.delivery_timeout)
-            .await
-            .map_err(|(e, _)| {
+        let delivery =
+            self.producer.send(record, self.delivery_timeout).await.map_err(|(e, _)| {
                 PublishError::Unavailable(format!("Kafka did not acknowledge the record: {e}"))
             })?;
         tracing::debug!(
@@ -275,11 +245,7 @@ impl Publisher {
             subject = %user.subject,
             "event published"
         );
-        Ok(Published {
-            id,
-            partition: delivery.partition,
-            offset: delivery.offset,
-        })
+        Ok(Published { id, partition: delivery.partition, offset: delivery.offset })
     }
 
     /// Delivers queued records, waiting at most `timeout`; returns how many

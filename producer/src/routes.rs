@@ -25,9 +25,8 @@ impl FromStr for EventRoute {
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut fields = HashMap::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not name=value"))?;
+            let (name, value) =
+                part.split_once('=').ok_or_else(|| format!("{part:?} is not name=value"))?;
             let (name, value) = (name.trim(), value.trim());
             if !matches!(name, "type" | "requires" | "scope" | "audience") {
                 return Err(format!(
@@ -41,11 +40,8 @@ impl FromStr for EventRoute {
                 return Err(format!("{name} is given twice"));
             }
         }
-        let mut take = |name: &str| {
-            fields
-                .remove(name)
-                .ok_or_else(|| format!("{name}= is missing"))
-        };
+        let mut take =
+            |name: &str| fields.remove(name).ok_or_else(|| format!("{name}= is missing"));
         Ok(Self {
             event_type: take("type")?,
             requires: take("requires")?,
@@ -65,10 +61,7 @@ impl Routes {
         let mut map = HashMap::new();
         for route in routes {
             if let Some(previous) = map.insert(route.event_type.clone(), route) {
-                return Err(format!(
-                    "event type {:?} is routed twice",
-                    previous.event_type
-                ));
+                return Err(format!("event type {:?} is routed twice", previous.event_type));
             }
         }
         Ok(Self(map))
@@ -103,9 +96,7 @@ mod tests {
 
     #[test]
     fn names_what_is_wrong() {
-        let missing = "type=a,requires=b,scope=c"
-            .parse::<EventRoute>()
-            .unwrap_err();
+        let missing = "type=a,requires=b,scope=c".parse::<EventRoute>().unwrap_err();
         assert_eq!(missing, "audience= is missing");
         let unknown = "type=a,colour=b".parse::<EventRoute>().unwrap_err();
         assert!(unknown.contains("unknown field \"colour\""), "{unknown}");

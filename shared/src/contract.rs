@@ -18,7 +18,9 @@
 
 use std::collections::HashMap;
 
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use serde_json::Value;
+use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::reason::Rejection;
@@ -47,20 +49,39 @@ pub const SPEC_VERSION: &str = "1.0";
 /// The only content type of version 1.
 pub const CONTENT_TYPE: &str = "application/json";
 
-/// Namespace of name-based message IDs (UUID v5), fixed forever: changing it
-/// would give retried requests new IDs.
-const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_3c2e_9b4d_4e8a_a0c1_5d7e_2f9b_8c31);
+/// Derives message IDs.
+///
+/// Without an `Idempotency-Key` a message ID is a UUID v7. With one, it is
+/// a UUID v8 made from an HMAC-SHA256, under this producer's secret, of the
+/// user's subject and the key: a retried request yields the same ID, two
+/// users' keys never collide, and nobody without the secret can predict an
+/// ID and publish a record under it first.
+#[derive(Clone)]
+pub struct MessageIds {
+    secret: Secret,
+}
 
-/// The message ID of a new event: a UUID v7, or, when the client sent an
-/// `Idempotency-Key`, a UUID v5 of the subject and that key, so a retried
-/// request yields the same ID and a different user's key never collides.
-pub fn message_id(subject: &str, idempotency_key: Option<&str>) -> Uuid {
-    match idempotency_key {
-        Some(key) => {
-            let name = format!("{}:{subject}\n{key}", subject.len());
-            Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, name.as_bytes())
-        }
-        None => Uuid::now_v7(),
+impl MessageIds {
+    /// IDs keyed by `secret`, which every replica of a producer must share.
+    pub fn new(secret: Secret) -> Self {
+        Self { secret }
+    }
+
+    /// The message ID of a new event of `subject`.
+    pub fn derive(&self, subject: &str, idempotency_key: Option<&str>) -> Uuid {
+        let Some(key) = idempotency_key else {
+            return Uuid::now_v7();
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose().as_bytes())
+            .expect("HMAC takes keys of any length");
+        // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+        mac.update(&(subject.len() as u64).to_be_bytes());
+        mac.update(subject.as_bytes());
+        mac.update(key.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_custom_bytes(bytes).into_uuid()
     }
 }
 
@@ -89,10 +110,7 @@ pub struct ContractError {
 }
 
 fn malformed(detail: impl Into<String>) -> ContractError {
-    ContractError {
-        reason: Rejection::MalformedPayload,
-        detail: detail.into(),
-    }
+    ContractError { reason: Rejection::MalformedPayload, detail: detail.into() }
 }
 
 /// Reads the contract headers from `(name, value)` pairs. A header that
@@ -137,10 +155,7 @@ pub fn parse_headers<'a>(
         })?,
     };
     if required(header::SPEC_VERSION)? != SPEC_VERSION {
-        return Err(malformed(format!(
-            "{} is not {SPEC_VERSION}",
-            header::SPEC_VERSION
-        )));
+        return Err(malformed(format!("{} is not {SPEC_VERSION}", header::SPEC_VERSION)));
     }
     let id =
         Uuid::parse_str(required(header::ID)?).map_err(|_| malformed("ce_id is not a UUID"))?;
@@ -150,24 +165,17 @@ pub fn parse_headers<'a>(
     if let Some(content_type) = text(header::CONTENT_TYPE)? {
         let media = content_type.split(';').next().unwrap_or_default().trim();
         if !media.eq_ignore_ascii_case(CONTENT_TYPE) {
-            return Err(malformed(format!(
-                "content-type {media:?} is not {CONTENT_TYPE}"
-            )));
+            return Err(malformed(format!("content-type {media:?} is not {CONTENT_TYPE}")));
         }
     }
-    Ok(IncomingHeaders {
-        id,
-        event_type,
-        source,
-        time,
-        token: Secret::new(token),
-    })
+    Ok(IncomingHeaders { id, event_type, source, time, token: Secret::new(token) })
 }
 
 /// Parses the record value as the event's JSON data.
 pub fn parse_data(value: Option<&[u8]>) -> Result<Value, ContractError> {
     let bytes = value.ok_or_else(|| malformed("the record has no value"))?;
-    serde_json::from_slice(bytes).map_err(|e| malformed(format!("the value is not JSON: {e}")))
+    crate::json::parse_strict(bytes)
+        .map_err(|e| malformed(format!("the value is not strict JSON: {e}")))
 }
 
 /// The token of an `Authorization: Bearer <token>` value (the scheme is
@@ -200,10 +208,7 @@ mod tests {
     fn valid() -> Vec<(&'static str, Option<&'static [u8]>)> {
         vec![
             ("ce_specversion", Some(b"1.0".as_slice())),
-            (
-                "ce_id",
-                Some(b"9f1c0000-0000-7000-8000-000000000001".as_slice()),
-            ),
+            ("ce_id", Some(b"9f1c0000-0000-7000-8000-000000000001".as_slice())),
             ("ce_type", Some(b"com.example.order.created".as_slice())),
             ("ce_source", Some(b"/event-producer".as_slice())),
             ("content-type", Some(b"application/json".as_slice())),
@@ -214,10 +219,7 @@ mod tests {
     #[test]
     fn reads_a_valid_record() {
         let parsed = parse_headers(valid()).unwrap();
-        assert_eq!(
-            parsed.id.to_string(),
-            "9f1c0000-0000-7000-8000-000000000001"
-        );
+        assert_eq!(parsed.id.to_string(), "9f1c0000-0000-7000-8000-000000000001");
         assert_eq!(parsed.event_type, "com.example.order.created");
         assert_eq!(parsed.token.expose(), "abc.def.ghi");
     }
@@ -225,10 +227,7 @@ mod tests {
     #[test]
     fn a_missing_authorization_is_missing_token() {
         let headers = valid().into_iter().filter(|(n, _)| *n != "authorization");
-        assert_eq!(
-            parse_headers(headers).err().unwrap().reason,
-            Rejection::MissingToken
-        );
+        assert_eq!(parse_headers(headers).err().unwrap().reason, Rejection::MissingToken);
     }
 
     #[test]
@@ -243,10 +242,7 @@ mod tests {
     fn a_bad_id_is_malformed_payload() {
         let mut headers = valid();
         headers[1].1 = Some(b"not-a-uuid".as_slice());
-        assert_eq!(
-            parse_headers(headers).err().unwrap().reason,
-            Rejection::MalformedPayload
-        );
+        assert_eq!(parse_headers(headers).err().unwrap().reason, Rejection::MalformedPayload);
     }
 
     #[test]
@@ -258,12 +254,21 @@ mod tests {
 
     #[test]
     fn idempotency_keys_give_stable_per_user_ids() {
-        let a = message_id("user-1", Some("key-1"));
-        assert_eq!(a, message_id("user-1", Some("key-1")));
-        assert_ne!(a, message_id("user-2", Some("key-1")));
-        assert_ne!(a, message_id("user-1", Some("key-2")));
-        assert_eq!(a.get_version_num(), 5);
-        assert_eq!(message_id("user-1", None).get_version_num(), 7);
+        let ids = MessageIds::new(Secret::new("producer-secret"));
+        let a = ids.derive("user-1", Some("key-1"));
+        assert_eq!(a, ids.derive("user-1", Some("key-1")));
+        assert_ne!(a, ids.derive("user-2", Some("key-1")));
+        assert_ne!(a, ids.derive("user-1", Some("key-2")));
+        assert_ne!(ids.derive("ab", Some("c")), ids.derive("a", Some("bc")));
+        assert_eq!(a.get_version_num(), 8);
+        assert_eq!(ids.derive("user-1", None).get_version_num(), 7);
+    }
+
+    #[test]
+    fn ids_cannot_be_predicted_without_the_secret() {
+        let ours = MessageIds::new(Secret::new("producer-secret"));
+        let guess = MessageIds::new(Secret::new("another-secret"));
+        assert_ne!(ours.derive("user-1", Some("order-2")), guess.derive("user-1", Some("order-2")));
     }
 
     #[test]

@@ -166,10 +166,7 @@ impl DevIssuer {
     /// `kid` unless already set).
     pub fn sign_with_header(&self, kid: &str, mut header: Header, claims: &Value) -> String {
         let keys = self.keys();
-        let key = keys
-            .iter()
-            .find(|k| k.kid == kid)
-            .expect("sign with a known kid");
+        let key = keys.iter().find(|k| k.kid == kid).expect("sign with a known kid");
         if header.kid.is_none() {
             header.kid = Some(kid.to_owned());
         }

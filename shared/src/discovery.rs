@@ -32,20 +32,14 @@ pub async fn discover(
     allow_plain_http: bool,
 ) -> Result<Discovery, String> {
     let base = check_url(issuer, allow_plain_http)?;
-    let url = format!(
-        "{}/.well-known/openid-configuration",
-        base.as_str().trim_end_matches('/')
-    );
+    let url = format!("{}/.well-known/openid-configuration", base.as_str().trim_end_matches('/'));
     let response = http
         .get(&url)
         .send()
         .await
         .map_err(|e| format!("discovery at {url} failed: {}", e.without_url()))?;
     if !response.status().is_success() {
-        return Err(format!(
-            "discovery at {url} answered HTTP {}",
-            response.status()
-        ));
+        return Err(format!("discovery at {url} answered HTTP {}", response.status()));
     }
     let document: Document = response
         .json()

@@ -108,20 +108,15 @@ impl TokenExchanger {
         let response = self
             .http
             .post(self.config.token_endpoint.clone())
-            .basic_auth(
-                &self.config.client_id,
-                Some(self.config.client_secret.expose()),
-            )
+            .basic_auth(&self.config.client_id, Some(self.config.client_secret.expose()))
             .form(&form)
             .send()
             .await
             .map_err(|e| ExchangeError::Unavailable(without_url(e)))?;
 
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| ExchangeError::Unavailable(without_url(e)))?;
+        let body =
+            response.bytes().await.map_err(|e| ExchangeError::Unavailable(without_url(e)))?;
         if status.is_server_error() {
             return Err(ExchangeError::Unavailable(format!("HTTP {status}")));
         }
@@ -136,10 +131,7 @@ impl TokenExchanger {
                     })
                 })
                 .unwrap_or_else(|| "no OAuth error in the response".to_owned());
-            return Err(ExchangeError::Refused {
-                status: status.as_u16(),
-                error,
-            });
+            return Err(ExchangeError::Refused { status: status.as_u16(), error });
         }
 
         let parsed: TokenResponse = serde_json::from_slice(&body)

@@ -26,9 +26,7 @@ pub fn check_url(url: &str, allow_plain_http: bool) -> Result<reqwest::Url, Stri
     match parsed.scheme() {
         "https" => Ok(parsed),
         "http" if allow_plain_http || parsed.host_str().is_some_and(is_loopback_host) => Ok(parsed),
-        "http" => Err(format!(
-            "{url:?} uses plain HTTP to a non-loopback host; use https"
-        )),
+        "http" => Err(format!("{url:?} uses plain HTTP to a non-loopback host; use https")),
         other => Err(format!("{url:?} has unsupported scheme {other:?}")),
     }
 }
@@ -38,9 +36,7 @@ mod url_check {
     pub fn is_loopback_host(host: &str) -> bool {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 }
 

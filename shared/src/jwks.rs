@@ -78,10 +78,7 @@ pub struct JwksTiming {
 
 impl Default for JwksTiming {
     fn default() -> Self {
-        Self {
-            refresh_interval: Duration::from_secs(3600),
-            miss_cooldown: Duration::from_secs(30),
-        }
+        Self { refresh_interval: Duration::from_secs(3600), miss_cooldown: Duration::from_secs(30) }
     }
 }
 
@@ -144,9 +141,7 @@ impl JwksCache {
         {
             return Ok(key.clone());
         }
-        let cooling = state
-            .last_attempt
-            .is_some_and(|at| at.elapsed() < self.timing.miss_cooldown);
+        let cooling = state.last_attempt.is_some_and(|at| at.elapsed() < self.timing.miss_cooldown);
         if refreshed_meanwhile || cooling {
             return Self::lookup(&current, kid, &state);
         }
@@ -188,8 +183,7 @@ impl JwksCache {
     }
 
     fn is_stale(&self, set: &KeySet) -> bool {
-        set.fetched_at
-            .is_none_or(|at| at.elapsed() >= self.timing.refresh_interval)
+        set.fetched_at.is_none_or(|at| at.elapsed() >= self.timing.refresh_interval)
     }
 
     fn lookup(set: &KeySet, kid: &str, state: &RefreshState) -> Result<Arc<PublicKey>, KeyError> {
@@ -198,9 +192,9 @@ impl JwksCache {
         }
         match &state.last_error {
             Some(error) => Err(KeyError::Unavailable(error.clone())),
-            None if set.fetched_at.is_none() => Err(KeyError::Unavailable(
-                "the key set has not been fetched".into(),
-            )),
+            None if set.fetched_at.is_none() => {
+                Err(KeyError::Unavailable("the key set has not been fetched".into()))
+            }
             None => Err(KeyError::Unknown),
         }
     }
@@ -213,12 +207,7 @@ impl JwksCache {
                 tracing::info!(url = %self.url, keys = keys.len(), "fetched issuer keys");
                 let previous = self.snapshot();
                 let generation = previous.generation + u64::from(previous.digest != digest);
-                let set = KeySet {
-                    keys,
-                    fetched_at: Some(Instant::now()),
-                    digest,
-                    generation,
-                };
+                let set = KeySet { keys, fetched_at: Some(Instant::now()), digest, generation };
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
                 state.last_error = None;
             }
@@ -242,11 +231,7 @@ impl JwksCache {
         }
 
         let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| format!("read failed: {e}"))?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(|e| format!("read failed: {e}"))? {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(format!("key set larger than {MAX_JWKS_BYTES} bytes"));
             }

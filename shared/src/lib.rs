@@ -16,6 +16,7 @@ pub mod dev_issuer;
 pub mod discovery;
 pub mod exchange;
 pub mod http;
+pub mod json;
 pub mod jwks;
 pub mod reason;
 pub mod secret;

@@ -8,7 +8,7 @@
 //! NumericDates may be floats and a claim of the wrong JSON type is reported
 //! as malformed rather than missing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
-use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -77,12 +76,7 @@ impl VerifierConfig {
 
 /// The algorithms accepted unless configured otherwise.
 pub fn default_algorithms() -> Vec<Algorithm> {
-    vec![
-        Algorithm::RS256,
-        Algorithm::PS256,
-        Algorithm::ES256,
-        Algorithm::EdDSA,
-    ]
+    vec![Algorithm::RS256, Algorithm::PS256, Algorithm::ES256, Algorithm::EdDSA]
 }
 
 /// A verifier setting that cannot work.
@@ -121,10 +115,7 @@ pub enum VerifyError {
 
 impl VerifyError {
     fn reject(reason: Rejection, detail: impl Into<String>) -> Self {
-        Self::Rejected {
-            reason,
-            detail: detail.into(),
-        }
+        Self::Rejected { reason, detail: detail.into() }
     }
 
     /// The rejection reason, if this is a permanent rejection.
@@ -184,19 +175,12 @@ impl VerifiedClaims {
                 format!("token lacks scope {required:?}"),
             ));
         }
-        let extra: Vec<&str> = self
-            .scopes
-            .iter()
-            .map(String::as_str)
-            .filter(|s| *s != required)
-            .collect();
+        let extra: Vec<&str> =
+            self.scopes.iter().map(String::as_str).filter(|s| *s != required).collect();
         if !extra.is_empty() {
             return Err(VerifyError::reject(
                 Rejection::ExcessScope,
-                format!(
-                    "token carries scopes beyond {required:?}: {}",
-                    extra.join(" ")
-                ),
+                format!("token carries scopes beyond {required:?}: {}", extra.join(" ")),
             ));
         }
         Ok(())
@@ -242,10 +226,7 @@ struct Cached {
 
 impl VerifiedCache {
     fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            entries: Mutex::new(HashMap::new()),
-        }
+        Self { capacity, entries: Mutex::new(HashMap::new()) }
     }
 
     fn get(&self, hash: &[u8; 32], now: f64, generation: u64) -> Option<VerifiedClaims> {
@@ -293,11 +274,7 @@ impl Verifier {
         }
         let keys = JwksCache::new(config.jwks_url.clone(), http, config.jwks_timing);
         let cache = VerifiedCache::new(config.cache_capacity);
-        Ok(Self {
-            config: Arc::new(config),
-            keys: Arc::new(keys),
-            cache: Arc::new(cache),
-        })
+        Ok(Self { config: Arc::new(config), keys: Arc::new(keys), cache: Arc::new(cache) })
     }
 
     /// A verifier for another audience of the same issuer that shares this
@@ -306,16 +283,9 @@ impl Verifier {
         if audience.trim().is_empty() {
             return Err(ConfigError::MissingAudience);
         }
-        let config = VerifierConfig {
-            audience: audience.to_owned(),
-            ..(*self.config).clone()
-        };
+        let config = VerifierConfig { audience: audience.to_owned(), ..(*self.config).clone() };
         let cache = VerifiedCache::new(config.cache_capacity);
-        Ok(Self {
-            config: Arc::new(config),
-            keys: self.keys.clone(),
-            cache: Arc::new(cache),
-        })
+        Ok(Self { config: Arc::new(config), keys: self.keys.clone(), cache: Arc::new(cache) })
     }
 
     /// This verifier's settings.
@@ -386,11 +356,7 @@ impl Verifier {
         let claims = parse_object(parts.payload, "payload")?;
         let claims = self.check_claims(claims, header.kid, now)?;
         let valid_until = claims.expires_at as f64 + self.config.leeway.as_secs_f64();
-        let cached = Cached {
-            claims: claims.clone(),
-            valid_until,
-            generation,
-        };
+        let cached = Cached { claims: claims.clone(), valid_until, generation };
         self.cache.put(hash, cached, now);
         Ok(claims)
     }
@@ -413,19 +379,13 @@ impl Verifier {
             }
             Some(_) => return Err(malformed("iss", "a string")),
             None => {
-                return Err(VerifyError::reject(
-                    Rejection::InvalidIssuer,
-                    "iss is missing",
-                ));
+                return Err(VerifyError::reject(Rejection::InvalidIssuer, "iss is missing"));
             }
         };
 
         let audience = string_or_list(&claims, "aud")?;
         if audience.is_empty() {
-            return Err(VerifyError::reject(
-                Rejection::InvalidAudience,
-                "aud is missing",
-            ));
+            return Err(VerifyError::reject(Rejection::InvalidAudience, "aud is missing"));
         }
         if !audience.iter().any(|a| *a == self.config.audience) {
             return Err(VerifyError::reject(
@@ -437,18 +397,12 @@ impl Verifier {
         let exp = numeric_date(&claims, "exp")?
             .ok_or_else(|| VerifyError::reject(Rejection::MissingClaim, "exp is missing"))?;
         if now >= exp + leeway {
-            return Err(VerifyError::reject(
-                Rejection::Expired,
-                format!("expired at {exp}"),
-            ));
+            return Err(VerifyError::reject(Rejection::Expired, format!("expired at {exp}")));
         }
         if let Some(nbf) = numeric_date(&claims, "nbf")?
             && now + leeway < nbf
         {
-            return Err(VerifyError::reject(
-                Rejection::NotYetValid,
-                format!("not before {nbf}"),
-            ));
+            return Err(VerifyError::reject(Rejection::NotYetValid, format!("not before {nbf}")));
         }
         let iat = numeric_date(&claims, "iat")?;
         if let Some(iat) = iat
@@ -463,10 +417,7 @@ impl Verifier {
         let subject = match claims.get("sub") {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
             Some(Value::String(_)) | None => {
-                return Err(VerifyError::reject(
-                    Rejection::MissingClaim,
-                    "sub is missing",
-                ));
+                return Err(VerifyError::reject(Rejection::MissingClaim, "sub is missing"));
             }
             Some(_) => return Err(malformed("sub", "a string")),
         };
@@ -517,9 +468,7 @@ fn split_token(token: &str, max_bytes: usize) -> Result<TokenParts<'_>, VerifyEr
         ));
     };
     let base64url = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if !(base64url(header) && base64url(payload) && base64url(signature)) {
         return Err(VerifyError::reject(
@@ -527,11 +476,7 @@ fn split_token(token: &str, max_bytes: usize) -> Result<TokenParts<'_>, VerifyEr
             "a part is empty or not base64url",
         ));
     }
-    Ok(TokenParts {
-        header,
-        payload,
-        signature,
-    })
+    Ok(TokenParts { header, payload, signature })
 }
 
 struct Header {
@@ -555,19 +500,13 @@ fn parse_header(segment: &str) -> Result<Header, VerifyError> {
             )
         })?,
         _ => {
-            return Err(VerifyError::reject(
-                Rejection::MalformedToken,
-                "header has no alg string",
-            ));
+            return Err(VerifyError::reject(Rejection::MalformedToken, "header has no alg string"));
         }
     };
     let kid = match header.get("kid") {
         Some(Value::String(kid)) if !kid.is_empty() => kid.clone(),
         _ => {
-            return Err(VerifyError::reject(
-                Rejection::MalformedToken,
-                "header has no kid",
-            ));
+            return Err(VerifyError::reject(Rejection::MalformedToken, "header has no kid"));
         }
     };
     match header.get("typ") {
@@ -593,53 +532,23 @@ fn is_access_token_type(typ: &str) -> bool {
 /// member names (which different parsers resolve differently).
 fn parse_object(segment: &str, what: &str) -> Result<Map<String, Value>, VerifyError> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|e| {
-        VerifyError::reject(
-            Rejection::MalformedToken,
-            format!("{what} is not base64url: {e}"),
-        )
+        VerifyError::reject(Rejection::MalformedToken, format!("{what} is not base64url: {e}"))
     })?;
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let object = (&mut de)
-        .deserialize_map(UniqueKeys)
-        .and_then(|map| de.end().map(|()| map))
-        .map_err(|e| {
-            VerifyError::reject(
-                Rejection::MalformedToken,
-                format!("{what} is not a JSON object: {e}"),
-            )
-        })?;
-    Ok(object)
-}
-
-struct UniqueKeys;
-
-impl<'de> Visitor<'de> for UniqueKeys {
-    type Value = Map<String, Value>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object with unique member names")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-        let mut map = Map::new();
-        let mut seen = HashSet::new();
-        while let Some((key, value)) = access.next_entry::<String, Value>()? {
-            if !seen.insert(key.clone()) {
-                return Err(serde::de::Error::custom(format!(
-                    "duplicate member {key:?}"
-                )));
-            }
-            map.insert(key, value);
-        }
-        Ok(map)
+    match crate::json::parse_strict(&bytes) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(VerifyError::reject(
+            Rejection::MalformedToken,
+            format!("{what} is not a JSON object"),
+        )),
+        Err(e) => Err(VerifyError::reject(
+            Rejection::MalformedToken,
+            format!("{what} is not strict JSON: {e}"),
+        )),
     }
 }
 
 fn malformed(claim: &str, expected: &str) -> VerifyError {
-    VerifyError::reject(
-        Rejection::MalformedClaim,
-        format!("{claim} is not {expected}"),
-    )
+    VerifyError::reject(Rejection::MalformedClaim, format!("{claim} is not {expected}"))
 }
 
 fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, VerifyError> {
@@ -660,26 +569,30 @@ fn string_or_list(claims: &Map<String, Value>, name: &str) -> Result<Vec<String>
         Some(Value::Array(items)) => items
             .iter()
             .map(|item| {
-                item.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| malformed(name, "a list of strings"))
+                item.as_str().map(str::to_owned).ok_or_else(|| malformed(name, "a list of strings"))
             })
             .collect(),
         Some(_) => Err(malformed(name, "a string or a list of strings")),
     }
 }
 
+/// The token's scopes: `scope` (a space-separated string) and `scp` (a
+/// string or a list), together, so an issuer that writes both cannot hide a
+/// scope from the exact-scope check.
 fn scopes(claims: &Map<String, Value>) -> Result<Vec<String>, VerifyError> {
-    match (claims.get("scope"), claims.get("scp")) {
-        (Some(Value::String(s)), _) => Ok(s.split_whitespace().map(str::to_owned).collect()),
-        (Some(_), _) => Err(malformed("scope", "a space-separated string")),
-        (None, Some(_)) => string_or_list(claims, "scp"),
-        (None, None) => Ok(Vec::new()),
+    let mut scopes: Vec<String> = match claims.get("scope") {
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(_) => return Err(malformed("scope", "a space-separated string")),
+        None => Vec::new(),
+    };
+    for scope in string_or_list(claims, "scp")? {
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+        }
     }
+    Ok(scopes)
 }
 
 fn unix_secs(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }

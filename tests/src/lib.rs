@@ -62,9 +62,7 @@ pub fn init_logs() {
 pub async fn require_services() {
     init_logs();
     let discovery = format!("{}/.well-known/openid-configuration", issuer());
-    let keycloak = reqwest::get(&discovery)
-        .await
-        .map(|r| r.status().is_success());
+    let keycloak = reqwest::get(&discovery).await.map(|r| r.status().is_success());
     assert!(
         matches!(keycloak, Ok(true)),
         "Keycloak is not serving the event-identity realm at {discovery} ({keycloak:?}); \
@@ -72,10 +70,7 @@ pub async fn require_services() {
     );
     let admin = admin();
     let metadata = tokio::task::spawn_blocking(move || {
-        admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map(|m| m.brokers().len())
+        admin.inner().fetch_metadata(None, Duration::from_secs(10)).map(|m| m.brokers().len())
     })
     .await
     .unwrap();
@@ -87,10 +82,7 @@ pub async fn require_services() {
 }
 
 fn admin() -> AdminClient<DefaultClientContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .create()
-        .expect("admin client")
+    ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().expect("admin client")
 }
 
 /// A new, uniquely named topic with `partitions` partitions, and its
@@ -102,10 +94,8 @@ pub async fn fresh_topic(partitions: i32) -> String {
         NewTopic::new(&name, partitions, TopicReplication::Fixed(1)),
         NewTopic::new(&dead, 1, TopicReplication::Fixed(1)),
     ];
-    let results = admin()
-        .create_topics(&topics, &AdminOptions::new())
-        .await
-        .expect("create topics");
+    let results =
+        admin().create_topics(&topics, &AdminOptions::new()).await.expect("create topics");
     for result in results {
         result.expect("topic created");
     }
@@ -128,15 +118,13 @@ pub async fn read_all(topic: &str) -> Vec<OwnedMessage> {
             .set("auto.offset.reset", "earliest")
             .create()
             .expect("reader");
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .expect("metadata");
+        let metadata =
+            consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
         let partitions = metadata.topics()[0].partitions().len() as i32;
         let mut expected = 0;
         for p in 0..partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .expect("watermarks");
+            let (low, high) =
+                consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).expect("watermarks");
             expected += high - low;
         }
         consumer.subscribe(&[&topic]).expect("subscribe");
@@ -147,11 +135,7 @@ pub async fn read_all(topic: &str) -> Vec<OwnedMessage> {
                 records.push(message.detach());
             }
         }
-        assert_eq!(
-            records.len() as i64,
-            expected,
-            "could not read all of {topic}"
-        );
+        assert_eq!(records.len() as i64, expected, "could not read all of {topic}");
         records
     })
     .await
@@ -167,14 +151,12 @@ pub async fn record_count(topic: &str) -> i64 {
             .set("group.id", "watermarks")
             .create()
             .expect("client");
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .expect("metadata");
+        let metadata =
+            consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
         (0..metadata.topics()[0].partitions().len() as i32)
             .map(|p| {
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                    .unwrap();
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).unwrap();
                 high - low
             })
             .sum()
@@ -216,14 +198,8 @@ pub async fn user_token(client_id: &str, username: &str, password: &str) -> Stri
         .expect("token request");
     let status = response.status();
     let body: Value = response.json().await.expect("token response");
-    assert!(
-        status.is_success(),
-        "password grant for {username} failed: {status} {body}"
-    );
-    body["access_token"]
-        .as_str()
-        .expect("access_token")
-        .to_owned()
+    assert!(status.is_success(), "password grant for {username} failed: {status} {body}");
+    body["access_token"].as_str().expect("access_token").to_owned()
 }
 
 /// Alice may publish order events.
@@ -285,12 +261,7 @@ pub async fn start_producer(config: ProducerConfig) -> TestProducer {
     let stop = CancellationToken::new();
     let signal = stop.clone();
     let task = tokio::spawn(service.serve(async move { signal.cancelled().await }));
-    TestProducer {
-        addr,
-        publisher,
-        stop,
-        task,
-    }
+    TestProducer { addr, publisher, stop, task }
 }
 
 /// A running consumer.
@@ -311,14 +282,17 @@ impl TestConsumer {
         self.task.await.unwrap();
     }
 
-    /// Rows of the `events` table for `id`: (subject, claims JSON).
+    /// Rows of the `events` table for `id`: (subject, claims JSON), by
+    /// subject.
     pub async fn events_for(&self, id: &str) -> Vec<(String, String)> {
         let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
-        let rows = sqlx::query_as("SELECT subject, claims FROM events WHERE message_id = ?")
-            .bind(id)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+        let rows = sqlx::query_as(
+            "SELECT subject, claims FROM events WHERE message_id = ? ORDER BY subject",
+        )
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
         pool.close().await;
         rows
     }
@@ -326,10 +300,8 @@ impl TestConsumer {
     /// Rows in the `events` table.
     pub async fn event_count(&self) -> i64 {
         let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM events")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM events").fetch_one(&pool).await.unwrap();
         pool.close().await;
         n
     }
@@ -338,25 +310,26 @@ impl TestConsumer {
     pub async fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Stats) -> bool) {
         let deadline = Instant::now() + timeout;
         while !done(&self.stats) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {:?}",
-                self.stats
-            );
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {:?}", self.stats);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
-/// Consumer settings for `topic` against the test services.
-pub fn consumer_config(topic: &str, database_url: &str, extra: &[&str]) -> ConsumerConfig {
+/// Consumer settings for `topic` against the test broker and `issuer`.
+pub fn consumer_config(
+    topic: &str,
+    database_url: &str,
+    issuer: &str,
+    extra: &[&str],
+) -> ConsumerConfig {
     let mut args = vec![
         "event-consumer".to_owned(),
         format!("--kafka-bootstrap={}", kafka_bootstrap()),
         format!("--group=group-{topic}"),
         format!("--topic={topic}"),
         format!("--dead-letter-topic={}", dead_letter_topic(topic)),
-        format!("--issuer={}", issuer()),
+        format!("--issuer={issuer}"),
         format!("--audience={CONSUMER_AUDIENCE}"),
         format!("--route=type={EVENT_TYPE},scope={EVENT_SCOPE},claim_equals_field=tenant:tenant"),
         format!("--database-url={database_url}"),
@@ -366,25 +339,58 @@ pub fn consumer_config(topic: &str, database_url: &str, extra: &[&str]) -> Consu
     <ConsumerConfig as clap::Parser>::try_parse_from(args).expect("consumer config")
 }
 
-/// Starts a consumer on `topic` with a fresh SQLite inbox.
+/// Starts a consumer on `topic` with a fresh SQLite inbox, trusting the
+/// test Keycloak.
 pub async fn start_consumer(topic: &str) -> TestConsumer {
+    start_consumer_trusting(topic, &issuer()).await
+}
+
+/// Starts a consumer on `topic` with a fresh SQLite inbox, trusting
+/// `issuer`.
+pub async fn start_consumer_trusting(topic: &str, issuer: &str) -> TestConsumer {
     let dir = tempfile::tempdir().unwrap();
-    let database_url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("inbox.db").display()
-    );
-    let consumer: EventConsumer = ConsumerBuilder::new(consumer_config(topic, &database_url, &[]))
-        .build()
-        .await
-        .expect("consumer starts");
+    let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
+    let config = consumer_config(topic, &database_url, issuer, &[]);
+    let consumer: EventConsumer =
+        ConsumerBuilder::new(config).build().await.expect("consumer starts");
     let stats = consumer.stats();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
-    TestConsumer {
-        stats,
-        database_url,
-        stop,
-        task,
-        _dir: dir,
+    TestConsumer { stats, database_url, stop, task, _dir: dir }
+}
+
+/// Writes a record straight to `topic`, as an attacker or a misbehaving
+/// producer would: contract headers with `id`, and `authorization` when a
+/// token is given.
+pub async fn write_record(topic: &str, id: &str, token: Option<&str>, value: &[u8]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let writer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().unwrap();
+    let authorization = token.map(|t| format!("Bearer {t}"));
+    let mut headers = OwnedHeaders::new()
+        .insert(Header { key: "ce_specversion", value: Some("1.0") })
+        .insert(Header { key: "ce_id", value: Some(id) })
+        .insert(Header { key: "ce_type", value: Some(EVENT_TYPE) })
+        .insert(Header { key: "ce_source", value: Some("/test-writer") })
+        .insert(Header { key: "content-type", value: Some("application/json") });
+    if let Some(value) = &authorization {
+        headers = headers.insert(Header { key: "authorization", value: Some(value.as_str()) });
     }
+    let record = FutureRecord::to(topic).key("test").payload(value).headers(headers);
+    writer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("record written");
+}
+
+/// The reason codes of the dead-letter topic of `topic`, by `ce_id`.
+pub async fn dead_letter_reasons(topic: &str) -> Vec<(String, String)> {
+    let mut reasons: Vec<(String, String)> = read_all(&dead_letter_topic(topic))
+        .await
+        .iter()
+        .map(|m| {
+            (header(m, "ce_id").unwrap_or_default(), header(m, "dlq_reason").unwrap_or_default())
+        })
+        .collect();
+    reasons.sort();
+    reasons
 }

@@ -42,13 +42,7 @@ async fn an_allowed_users_event_is_processed_once_with_their_identity() {
     let token = alice_token().await;
     let alice = jwt_payload(&token);
 
-    let response = post(
-        &producer.events_url(),
-        Some(&token),
-        None,
-        &order("order-1"),
-    )
-    .await;
+    let response = post(&producer.events_url(), Some(&token), None, &order("order-1")).await;
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     let id = body["id"].as_str().expect("a message id").to_owned();
@@ -71,15 +65,10 @@ async fn an_allowed_users_event_is_processed_once_with_their_identity() {
     assert_eq!(header(record, "ce_id").as_deref(), Some(id.as_str()));
     assert_eq!(header(record, "ce_type").as_deref(), Some(EVENT_TYPE));
     assert_eq!(header(record, "ce_specversion").as_deref(), Some("1.0"));
-    assert_eq!(
-        header(record, "content-type").as_deref(),
-        Some("application/json")
-    );
+    assert_eq!(header(record, "content-type").as_deref(), Some("application/json"));
     assert_eq!(record.key(), Some(b"order-1".as_slice()));
     let authorization = header(record, "authorization").expect("authorization header");
-    let event_token = authorization
-        .strip_prefix("Bearer ")
-        .expect("a Bearer value");
+    let event_token = authorization.strip_prefix("Bearer ").expect("a Bearer value");
     assert_ne!(event_token, token);
     let claims = jwt_payload(event_token);
     assert_eq!(claims["scope"], EVENT_SCOPE);
@@ -108,21 +97,11 @@ async fn a_retry_with_the_same_idempotency_key_has_one_effect() {
     let consumer = start_consumer(&topic).await;
     let token = alice_token().await;
 
-    let first = post(
-        &producer.events_url(),
-        Some(&token),
-        Some("retry-1"),
-        &order("order-2"),
-    )
-    .await;
+    let first =
+        post(&producer.events_url(), Some(&token), Some("retry-1"), &order("order-2")).await;
     assert_eq!(first.status(), 202);
-    let second = post(
-        &producer.events_url(),
-        Some(&token),
-        Some("retry-1"),
-        &order("order-2"),
-    )
-    .await;
+    let second =
+        post(&producer.events_url(), Some(&token), Some("retry-1"), &order("order-2")).await;
     assert_eq!(second.status(), 202);
     let first: Value = first.json().await.unwrap();
     let second: Value = second.json().await.unwrap();
@@ -135,27 +114,9 @@ async fn a_retry_with_the_same_idempotency_key_has_one_effect() {
                 == 2
         })
         .await;
-    assert_eq!(
-        consumer
-            .stats
-            .processed
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        consumer
-            .stats
-            .duplicates
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert_eq!(
-        consumer
-            .events_for(first["id"].as_str().unwrap())
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(consumer.stats.processed.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(consumer.stats.duplicates.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(consumer.events_for(first["id"].as_str().unwrap()).await.len(), 1);
     assert_eq!(consumer.event_count().await, 1);
     assert_eq!(record_count(&topic).await, 2);
     // One exchange served both requests.
@@ -172,18 +133,9 @@ async fn a_user_without_the_permission_gets_403_and_nothing_is_published() {
     let producer = start_producer(producer_config(&topic, &[])).await;
     let token = bob_token().await;
 
-    let response = post(
-        &producer.events_url(),
-        Some(&token),
-        None,
-        &order("order-3"),
-    )
-    .await;
+    let response = post(&producer.events_url(), Some(&token), None, &order("order-3")).await;
     assert_eq!(response.status(), 403);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], "forbidden");
     assert_eq!(producer.publisher.event_tokens().exchange_count(), 0);
@@ -229,14 +181,37 @@ async fn missing_malformed_and_expired_user_tokens_get_401_with_a_challenge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorization_headers_are_refused_whatever_their_order() {
+    require_services().await;
+    let topic = fresh_topic(1).await;
+    let producer = start_producer(producer_config(&topic, &[])).await;
+    let (alice, bob) = (alice_token().await, bob_token().await);
+
+    for (first, second) in [(&alice, &bob), (&bob, &alice)] {
+        let response = reqwest::Client::new()
+            .post(producer.events_url())
+            .header("Authorization", format!("Bearer {first}"))
+            .header("Authorization", format!("Bearer {second}"))
+            .json(&order("order-5"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_request");
+    }
+
+    producer.stop().await;
+    assert_eq!(record_count(&topic).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_records_written_to_the_topic_are_dead_lettered_not_processed() {
     require_services().await;
     let topic = fresh_topic(1).await;
     let consumer = start_consumer(&topic).await;
-    let writer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .create()
-        .unwrap();
+    let writer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().unwrap();
 
     // A token shaped exactly like a real event token, signed by a key the
     // issuer never published: once under a random kid, once claiming the
@@ -256,54 +231,24 @@ async fn forged_records_written_to_the_topic_are_dead_lettered_not_processed() {
 
     let cases = [
         ("00000000-0000-7000-8000-00000000000a", None),
-        (
-            "00000000-0000-7000-8000-00000000000b",
-            Some(sign("forged-kid")),
-        ),
-        (
-            "00000000-0000-7000-8000-00000000000c",
-            Some(sign(&real_kid)),
-        ),
+        ("00000000-0000-7000-8000-00000000000b", Some(sign("forged-kid"))),
+        ("00000000-0000-7000-8000-00000000000c", Some(sign(&real_kid))),
     ];
     for (id, token) in &cases {
         let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
         let mut headers = OwnedHeaders::new()
-            .insert(KafkaHeader {
-                key: "ce_specversion",
-                value: Some("1.0"),
-            })
-            .insert(KafkaHeader {
-                key: "ce_id",
-                value: Some(*id),
-            })
-            .insert(KafkaHeader {
-                key: "ce_type",
-                value: Some(EVENT_TYPE),
-            })
-            .insert(KafkaHeader {
-                key: "ce_source",
-                value: Some("/attacker"),
-            })
-            .insert(KafkaHeader {
-                key: "content-type",
-                value: Some("application/json"),
-            });
+            .insert(KafkaHeader { key: "ce_specversion", value: Some("1.0") })
+            .insert(KafkaHeader { key: "ce_id", value: Some(*id) })
+            .insert(KafkaHeader { key: "ce_type", value: Some(EVENT_TYPE) })
+            .insert(KafkaHeader { key: "ce_source", value: Some("/attacker") })
+            .insert(KafkaHeader { key: "content-type", value: Some("application/json") });
         if let Some(value) = &authorization {
-            headers = headers.insert(KafkaHeader {
-                key: "authorization",
-                value: Some(value.as_str()),
-            });
+            headers =
+                headers.insert(KafkaHeader { key: "authorization", value: Some(value.as_str()) });
         }
         let payload = json!({"order_id": "forged", "tenant": "acme"}).to_string();
-        let record = FutureRecord::to(&topic)
-            .key("forged")
-            .payload(&payload)
-            .headers(headers);
-        writer
-            .send(record, Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        let record = FutureRecord::to(&topic).key("forged").payload(&payload).headers(headers);
+        writer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
     }
 
     consumer
@@ -312,13 +257,7 @@ async fn forged_records_written_to_the_topic_are_dead_lettered_not_processed() {
         })
         .await;
     assert_eq!(consumer.event_count().await, 0);
-    assert_eq!(
-        consumer
-            .stats
-            .processed
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(consumer.stats.processed.load(std::sync::atomic::Ordering::Relaxed), 0);
 
     let dead = read_all(&dead_letter_topic(&topic)).await;
     let reasons: Vec<(String, String, String)> = dead
@@ -334,41 +273,20 @@ async fn forged_records_written_to_the_topic_are_dead_lettered_not_processed() {
     assert_eq!(
         reasons,
         [
-            (
-                cases[0].0.to_owned(),
-                "missing_token".to_owned(),
-                "0".to_owned()
-            ),
-            (
-                cases[1].0.to_owned(),
-                "unknown_key".to_owned(),
-                "1".to_owned()
-            ),
-            (
-                cases[2].0.to_owned(),
-                "invalid_signature".to_owned(),
-                "2".to_owned()
-            ),
+            (cases[0].0.to_owned(), "missing_token".to_owned(), "0".to_owned()),
+            (cases[1].0.to_owned(), "unknown_key".to_owned(), "1".to_owned()),
+            (cases[2].0.to_owned(), "invalid_signature".to_owned(), "2".to_owned()),
         ]
     );
-    assert_eq!(
-        header(&dead[0], "dlq_source_topic").as_deref(),
-        Some(topic.as_str())
-    );
+    assert_eq!(header(&dead[0], "dlq_source_topic").as_deref(), Some(topic.as_str()));
 
     consumer.stop().await;
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 fn jwt_payload_header_kid(token: &str) -> String {
-    jsonwebtoken::decode_header(token)
-        .unwrap()
-        .kid
-        .expect("Keycloak tokens carry a kid")
+    jsonwebtoken::decode_header(token).unwrap().kid.expect("Keycloak tokens carry a kid")
 }

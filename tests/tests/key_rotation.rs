@@ -13,10 +13,7 @@ use event_identity_tests::*;
 use serde_json::{Value, json};
 
 async fn admin_token(http: &reqwest::Client) -> String {
-    let url = format!(
-        "{}/realms/master/protocol/openid-connect/token",
-        keycloak_url()
-    );
+    let url = format!("{}/realms/master/protocol/openid-connect/token", keycloak_url());
     let response: Value = http
         .post(url)
         .form(&[
@@ -31,10 +28,7 @@ async fn admin_token(http: &reqwest::Client) -> String {
         .json()
         .await
         .unwrap();
-    response["access_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned()
+    response["access_token"].as_str().expect("admin token").to_owned()
 }
 
 fn kid(token: &str) -> String {
@@ -56,10 +50,7 @@ async fn a_rotated_keycloak_key_verifies_without_a_restart() {
 
     let old_token = alice_token().await;
     let old_kid = kid(&old_token);
-    verifier
-        .verify(&old_token)
-        .await
-        .expect("the current key verifies");
+    verifier.verify(&old_token).await.expect("the current key verifies");
     assert_eq!(verifier.keys().fetch_count().await, 1);
 
     // Add a new RSA key with a higher priority: Keycloak signs with it from
@@ -85,10 +76,7 @@ async fn a_rotated_keycloak_key_verifies_without_a_restart() {
         },
     });
     let created = http
-        .post(format!(
-            "{}/admin/realms/event-identity/components",
-            keycloak_url()
-        ))
+        .post(format!("{}/admin/realms/event-identity/components", keycloak_url()))
         .bearer_auth(&admin)
         .json(&component)
         .send()
@@ -103,29 +91,18 @@ async fn a_rotated_keycloak_key_verifies_without_a_restart() {
         let new_kid = kid(&new_token);
         assert_ne!(new_kid, old_kid, "Keycloak signs with the new key");
 
-        let verified = verifier
-            .verify(&new_token)
-            .await
-            .expect("the new key verifies");
+        let verified = verifier.verify(&new_token).await.expect("the new key verifies");
         assert_eq!(verified.key_id, new_kid);
         assert_eq!(verifier.keys().fetch_count().await, 2);
 
         // The old key is still published, so its tokens still verify.
-        let verified = verifier
-            .verify(&old_token)
-            .await
-            .expect("the old key still verifies");
+        let verified = verifier.verify(&old_token).await.expect("the old key still verifies");
         assert_eq!(verified.key_id, old_kid);
         assert_eq!(verifier.keys().fetch_count().await, 2);
     };
     let outcome = tokio::spawn(result).await;
 
-    let deleted = http
-        .delete(&location)
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
+    let deleted = http.delete(&location).bearer_auth(&admin).send().await.unwrap();
     assert_eq!(deleted.status(), 204, "removing the key provider");
     outcome.unwrap();
 }
