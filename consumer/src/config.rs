@@ -10,6 +10,7 @@ use crate::routes::RouteSpec;
 /// Settings of the `event-consumer` service.
 #[derive(Parser, Clone, Debug)]
 #[command(
+    args_override_self = true,
     name = "event-consumer",
     version,
     about = "Verifies, authorizes and processes identity-bearing events once"

@@ -11,7 +11,12 @@ use crate::routes::EventRoute;
 
 /// Settings of the `event-producer` service.
 #[derive(Parser, Clone)]
-#[command(name = "event-producer", version, about = "Publishes identity-bearing events to Kafka")]
+#[command(
+    args_override_self = true,
+    name = "event-producer",
+    version,
+    about = "Publishes identity-bearing events to Kafka"
+)]
 pub struct ProducerConfig {
     /// Address the HTTP API listens on.
     #[arg(long, env = "EI_PRODUCER_LISTEN", default_value = "127.0.0.1:8080")]
@@ -87,6 +92,10 @@ pub struct ProducerConfig {
     #[arg(long, env = "EI_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
     pub delivery_timeout_ms: u64,
 
+    /// How long Kafka batches records before sending, in milliseconds.
+    #[arg(long, env = "EI_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u64,
+
     /// Time allowed at shutdown to deliver queued records, in milliseconds.
     #[arg(long, env = "EI_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -113,5 +122,47 @@ impl ProducerConfig {
     /// Shutdown flush budget.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<ProducerConfig, clap::Error> {
+        let mut args = vec![
+            "event-producer",
+            "--issuer=https://idp.example.test",
+            "--client-id=event-producer",
+            "--client-secret=s3cret",
+        ];
+        args.extend(extra);
+        ProducerConfig::try_parse_from(args)
+    }
+
+    #[test]
+    fn routes_repeat_and_later_flags_override_earlier_ones() {
+        let config = parse(&[
+            "--route=type=a,requires=r,scope=s,audience=x",
+            "--route=type=b,requires=r,scope=s,audience=x",
+            "--topic=first",
+            "--topic=second",
+        ])
+        .unwrap();
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.topic, "second");
+    }
+
+    #[test]
+    fn a_bad_route_names_the_setting() {
+        let error = parse(&["--route=type=a,requires=r"]).err().unwrap().to_string();
+        assert!(error.contains("--route"), "{error}");
+        assert!(error.contains("scope= is missing"), "{error}");
+    }
+
+    #[test]
+    fn the_secret_does_not_show_in_debug_output() {
+        let config = parse(&["--route=type=a,requires=r,scope=s,audience=x"]).unwrap();
+        assert_eq!(format!("{:?}", config.client_secret), "[redacted]");
     }
 }

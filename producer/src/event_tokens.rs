@@ -9,18 +9,22 @@
 //! could do more, or less, than the event needs.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use sha2::{Digest, Sha256};
+
 use event_identity::exchange::{ExchangeError, TokenExchanger};
-use event_identity::secret::fingerprint;
 use event_identity::{Secret, VerifiedClaims, Verifier, VerifyError};
 
 use crate::routes::EventRoute;
 
 /// Most event tokens kept in the cache.
 const CACHE_CAPACITY: usize = 10_000;
+/// Tries of an exchange whose server is unavailable, 200 ms then 400 ms
+/// apart, before the request fails with 503.
+const EXCHANGE_ATTEMPTS: u32 = 3;
 
 /// Why no usable event token could be had.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -47,6 +51,7 @@ pub struct EventTokens {
     verifier: Verifier,
     min_lifetime: Duration,
     cache: Mutex<HashMap<String, Cached>>,
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     exchanges: AtomicU64,
 }
 
@@ -59,6 +64,7 @@ impl EventTokens {
             verifier,
             min_lifetime,
             cache: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
         }
     }
@@ -69,22 +75,57 @@ impl EventTokens {
     }
 
     /// An event token for `user` to publish on `route`: from the cache when
-    /// one with enough lifetime is there, else by exchange.
+    /// one with enough lifetime is there, else by exchange. Concurrent
+    /// requests for the same key wait for one exchange.
     pub async fn get(
         &self,
         user_token: &Secret,
         user: &VerifiedClaims,
         route: &EventRoute,
     ) -> Result<Secret, EventTokenError> {
-        let key =
-            format!("{}|{}|{}", fingerprint(user_token.expose()), route.scope, route.audience);
-        let now = SystemTime::now();
-        if let Some(token) = self.cached(&key, now) {
+        // The whole SHA-256, not a short fingerprint: a collision here would
+        // hand one user's event token to another.
+        let digest: [u8; 32] = Sha256::digest(user_token.expose().as_bytes()).into();
+        let key = format!("{}|{}|{}", hex(&digest), route.scope, route.audience);
+        if let Some(token) = self.cached(&key, SystemTime::now()) {
             return Ok(token);
         }
 
-        self.exchanges.fetch_add(1, Ordering::Relaxed);
-        let token = self.exchanger.exchange(user_token, &route.scope, &route.audience).await?;
+        let lock = self.in_flight_lock(&key);
+        let guard = lock.lock().await;
+        let result = match self.cached(&key, SystemTime::now()) {
+            Some(token) => Ok(token),
+            None => self.exchange(key.clone(), user_token, user, route).await,
+        };
+        drop(guard);
+        self.release_in_flight_lock(&key, lock);
+        result
+    }
+
+    async fn exchange(
+        &self,
+        key: String,
+        user_token: &Secret,
+        user: &VerifiedClaims,
+        route: &EventRoute,
+    ) -> Result<Secret, EventTokenError> {
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 1;
+        let token = loop {
+            self.exchanges.fetch_add(1, Ordering::Relaxed);
+            match self.exchanger.exchange(user_token, &route.scope, &route.audience).await {
+                Ok(token) => break token,
+                Err(ExchangeError::Unavailable(why)) if attempt < EXCHANGE_ATTEMPTS => {
+                    tracing::warn!(attempt, reason = %why, "token exchange unavailable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
+
+        let now = SystemTime::now();
         let claims = self.check(&token, user, route, now).await?;
         tracing::debug!(
             jti = claims.token_id.as_deref().unwrap_or("-"),
@@ -95,6 +136,19 @@ impl EventTokens {
         );
         self.store(key, &token, claims.expires_at, now);
         Ok(token)
+    }
+
+    fn in_flight_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(key.to_owned()).or_default().clone()
+    }
+
+    fn release_in_flight_lock(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        // Two holders left (the map and this caller): nobody else waits.
+        if Arc::strong_count(&lock) <= 2 {
+            locks.remove(key);
+        }
     }
 
     async fn check(
@@ -163,4 +217,8 @@ impl EventTokens {
 
 fn unix(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

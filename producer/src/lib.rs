@@ -18,7 +18,7 @@ pub mod http;
 pub mod publisher;
 pub mod routes;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -62,19 +62,48 @@ impl Service {
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<ShutdownReport> {
         let app = http::router(self.publisher.clone(), self.config.max_body_bytes);
         tracing::info!(addr = %self.local_addr(), "producer listening");
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await?;
+        let (requested_tx, requested) = tokio::sync::oneshot::channel();
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = requested_tx.send(());
+        });
+        let mut server = tokio::spawn(server.into_future());
 
+        // Until shutdown is requested, the server runs on its own.
+        tokio::select! {
+            result = &mut server => {
+                result??;
+                return Ok(ShutdownReport { undelivered: 0 });
+            }
+            _ = requested => {}
+        }
+
+        // No new requests now. Requests in flight wait for their delivery
+        // reports; give those the shutdown budget, then purge what is left,
+        // which fails the waiting requests (503) instead of leaving clients
+        // to believe in records that were never written.
         let undelivered = self.publisher.flush(self.config.shutdown_timeout()).await;
         if undelivered == 0 {
-            tracing::info!("producer stopped; every accepted record was delivered");
+            tracing::info!("every accepted record was delivered");
         } else {
-            tracing::error!(undelivered, "producer stopped with undelivered records");
+            tracing::error!(undelivered, "records undelivered at shutdown; their requests fail");
+            self.publisher.purge();
         }
-        Ok(())
+        server.await??;
+        tracing::info!("producer stopped");
+        Ok(ShutdownReport { undelivered })
     }
+}
+
+/// What a producer's shutdown left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Records still undelivered when the shutdown budget ran out; none of
+    /// their requests was answered 202.
+    pub undelivered: usize,
 }
 
 /// Runs the producer service until `shutdown` completes.
@@ -82,5 +111,6 @@ pub async fn run(
     config: ProducerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    Service::bind(config).await?.serve(shutdown).await
+    Service::bind(config).await?.serve(shutdown).await?;
+    Ok(())
 }

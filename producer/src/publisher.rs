@@ -10,7 +10,7 @@ use event_identity::http::check_url;
 use event_identity::{Rejection, Secret, VerifiedClaims, Verifier, VerifierConfig, VerifyError};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -144,7 +144,7 @@ impl Publisher {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("message.timeout.ms", config.delivery_timeout_ms.to_string())
-            .set("linger.ms", "5")
+            .set("linger.ms", config.linger_ms.to_string())
             .create()
             .context("--kafka-bootstrap: cannot create the Kafka producer")?;
 
@@ -246,6 +246,16 @@ impl Publisher {
             "event published"
         );
         Ok(Published { id, partition: delivery.partition, offset: delivery.offset })
+    }
+
+    /// Records handed to Kafka and not yet acknowledged.
+    pub fn undelivered(&self) -> usize {
+        self.producer.in_flight_count().max(0) as usize
+    }
+
+    /// Drops every queued and in-flight record; their senders get an error.
+    pub fn purge(&self) {
+        self.producer.purge(PurgeConfig::default().queue().inflight());
     }
 
     /// Delivers queued records, waiting at most `timeout`; returns how many

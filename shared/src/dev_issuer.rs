@@ -12,10 +12,14 @@ use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Form;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -80,11 +84,49 @@ struct Key {
     publish_alg: bool,
 }
 
+/// How the development issuer's token endpoint answers token exchanges.
+///
+/// By default it behaves like a well-configured server: it authenticates
+/// the client, verifies the subject token with its own keys, and issues a
+/// token for the subject with exactly the requested scope and audience.
+/// The other fields let tests make it misbehave.
+#[derive(Debug, Clone)]
+pub struct ExchangePolicy {
+    /// The client allowed to exchange.
+    pub client_id: String,
+    /// That client's secret.
+    pub client_secret: String,
+    /// Lifetime of issued tokens, in seconds (`exp - iat`).
+    pub lifespan_s: i64,
+    /// `expires_in` of the response; default: `lifespan_s`.
+    pub expires_in: Option<i64>,
+    /// Claims that replace the issued token's claims (e.g. a drifted
+    /// `scope`).
+    pub override_claims: serde_json::Map<String, Value>,
+    /// Answer every request with this HTTP status instead.
+    pub fail_status: Option<u16>,
+}
+
+impl Default for ExchangePolicy {
+    fn default() -> Self {
+        Self {
+            client_id: "event-producer".into(),
+            client_secret: "producer-secret".into(),
+            lifespan_s: 43_200,
+            expires_in: None,
+            override_claims: serde_json::Map::new(),
+            fail_status: None,
+        }
+    }
+}
+
 struct Inner {
     issuer: String,
     keys: Mutex<Vec<Key>>,
     jwks_fetches: AtomicU64,
     jwks_available: AtomicBool,
+    exchange: Mutex<ExchangePolicy>,
+    token_calls: AtomicU64,
 }
 
 /// A running development issuer.
@@ -104,10 +146,13 @@ impl DevIssuer {
             keys: Mutex::new(Vec::new()),
             jwks_fetches: AtomicU64::new(0),
             jwks_available: AtomicBool::new(true),
+            exchange: Mutex::new(ExchangePolicy::default()),
+            token_calls: AtomicU64::new(0),
         });
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/jwks", get(jwks))
+            .route("/token", post(token))
             .with_state(inner.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -155,6 +200,21 @@ impl DevIssuer {
     /// Lets the JWKS endpoint answer (true) or fail with 503 (false).
     pub fn set_jwks_available(&self, available: bool) {
         self.inner.jwks_available.store(available, Ordering::SeqCst);
+    }
+
+    /// The token endpoint URL.
+    pub fn token_url(&self) -> reqwest::Url {
+        reqwest::Url::parse(&format!("http://{}/token", self.addr)).expect("a valid URL")
+    }
+
+    /// Replaces how token exchanges are answered.
+    pub fn set_exchange_policy(&self, policy: ExchangePolicy) {
+        *self.inner.exchange.lock().unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    /// How many requests reached the token endpoint.
+    pub fn token_calls(&self) -> u64 {
+        self.inner.token_calls.load(Ordering::SeqCst)
     }
 
     /// How many times the JWKS was requested.
@@ -222,4 +282,102 @@ async fn jwks(State(inner): State<Arc<Inner>>) -> Response {
         })
         .collect();
     Json(json!({ "keys": published })).into_response()
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (status, Json(json!({"error": error, "error_description": description}))).into_response()
+}
+
+async fn token(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Form(form): Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    inner.token_calls.fetch_add(1, Ordering::SeqCst);
+    let policy = inner.exchange.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(status) = policy.fail_status {
+        return StatusCode::from_u16(status)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response();
+    }
+
+    let expected = format!("{}:{}", policy.client_id, policy.client_secret);
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|v| STANDARD.decode(v).ok());
+    if presented.as_deref() != Some(expected.as_bytes()) {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "bad client credentials");
+    }
+    let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+    if field("grant_type") != crate::exchange::GRANT_TYPE {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "token exchange only",
+        );
+    }
+    if field("subject_token_type") != crate::exchange::ACCESS_TOKEN_TYPE {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "subject_token_type");
+    }
+    let Some(subject) = inner.check_subject_token(field("subject_token")) else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "Invalid token");
+    };
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    let mut claims = json!({
+        "iss": inner.issuer,
+        "sub": subject["sub"],
+        "aud": field("audience"),
+        "scope": field("scope"),
+        "azp": policy.client_id,
+        "iat": now,
+        "exp": now + policy.lifespan_s,
+        "jti": uuid::Uuid::new_v4().to_string(),
+    });
+    for copied in ["tenant", "preferred_username"] {
+        if let Some(value) = subject.get(copied) {
+            claims[copied] = value.clone();
+        }
+    }
+    for (name, value) in &policy.override_claims {
+        claims[name] = value.clone();
+    }
+    let Some(token) = inner.sign_with_first_key(&claims) else {
+        return oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "no signing key");
+    };
+    Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "issued_token_type": crate::exchange::ACCESS_TOKEN_TYPE,
+        "expires_in": policy.expires_in.unwrap_or(policy.lifespan_s),
+    }))
+    .into_response()
+}
+
+impl Inner {
+    /// The claims of `token` if one of this issuer's published keys signed
+    /// it and it has not expired.
+    fn check_subject_token(&self, token: &str) -> Option<Value> {
+        let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let key = keys.iter().find(|k| k.published && k.kid == kid)?;
+        let jwk: Jwk = serde_json::from_value(key.material.public_jwk()).ok()?;
+        let decoding = jsonwebtoken::DecodingKey::from_jwk(&jwk).ok()?;
+        let mut validation = jsonwebtoken::Validation::new(key.material.default_algorithm());
+        validation.validate_aud = false;
+        jsonwebtoken::decode::<Value>(token, &decoding, &validation).ok().map(|data| data.claims)
+    }
+
+    fn sign_with_first_key(&self, claims: &Value) -> Option<String> {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let key = keys.iter().find(|k| k.published)?;
+        let mut header = Header::new(key.material.default_algorithm());
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.material.encoding_key()).ok()
+    }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use event_identity_consumer::{ConsumerBuilder, ConsumerConfig, EventConsumer, Stats};
-use event_identity_producer::{ProducerConfig, Publisher, Service};
+use event_identity_producer::{ProducerConfig, Publisher, Service, ShutdownReport};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -219,7 +219,7 @@ pub struct TestProducer {
     /// The publisher behind it.
     pub publisher: Arc<Publisher>,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<ShutdownReport>>,
 }
 
 impl TestProducer {
@@ -229,28 +229,40 @@ impl TestProducer {
     }
 
     /// Stops it and waits for its flush.
-    pub async fn stop(self) {
+    pub async fn stop(self) -> ShutdownReport {
         self.stop.cancel();
-        self.task.await.unwrap().unwrap();
+        self.task.await.unwrap().unwrap()
+    }
+
+    /// A token that stops the producer when cancelled (as SIGTERM does).
+    pub fn stopper(&self) -> CancellationToken {
+        self.stop.clone()
     }
 }
 
 /// Producer settings for `topic` against the test services.
 pub fn producer_config(topic: &str, extra: &[&str]) -> ProducerConfig {
-    let mut args = vec![
+    let issuer = format!("--issuer={}", issuer());
+    let mut args = vec![issuer.as_str()];
+    args.extend(extra);
+    producer_config_with(topic, &args)
+}
+
+/// Producer settings for `topic`; `args` must include `--issuer`.
+pub fn producer_config_with(topic: &str, args: &[&str]) -> ProducerConfig {
+    let mut all = vec![
         "event-producer".to_owned(),
         "--listen=127.0.0.1:0".into(),
         format!("--kafka-bootstrap={}", kafka_bootstrap()),
         format!("--topic={topic}"),
-        format!("--issuer={}", issuer()),
         "--client-id=event-producer".into(),
         "--client-secret=producer-secret".into(),
         format!(
             "--route=type={EVENT_TYPE},requires=orders:write,scope={EVENT_SCOPE},audience={CONSUMER_AUDIENCE}"
         ),
     ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    <ProducerConfig as clap::Parser>::try_parse_from(args).expect("producer config")
+    all.extend(args.iter().map(|s| s.to_string()));
+    <ProducerConfig as clap::Parser>::try_parse_from(all).expect("producer config")
 }
 
 /// Starts a producer service with `config`.
