@@ -181,6 +181,69 @@ async fn missing_malformed_and_expired_user_tokens_get_401_with_a_challenge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_events_of_one_user_cost_one_exchange_and_a_new_user_token_a_fresh_one() {
+    require_services().await;
+    let topic = fresh_topic(3).await;
+    let producer = start_producer(producer_config(&topic, &[])).await;
+    let token = alice_token().await;
+
+    let client = reqwest::Client::new();
+    for i in 0..50 {
+        let response = client
+            .post(producer.events_url())
+            .bearer_auth(&token)
+            .json(&order(&format!("order-{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    assert_eq!(producer.publisher.event_tokens().exchange_count(), 1);
+
+    // A refreshed user token is a new subject token: its events get an
+    // event token of their own rather than one cached for the old token.
+    let refreshed = alice_token().await;
+    let response = post(&producer.events_url(), Some(&refreshed), None, &order("order-50")).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(producer.publisher.event_tokens().exchange_count(), 2);
+
+    producer.stop().await;
+    assert_eq!(record_count(&topic).await, 51);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_refreshes_on_401_and_retries_once_succeeds() {
+    require_services().await;
+    let topic = fresh_topic(1).await;
+    let producer = start_producer(producer_config(&topic, &["--leeway-s=0"])).await;
+
+    // The documented client rule: on 401, refresh the token, retry once.
+    async fn publish_with_retry(url: &str, token: &mut String) -> reqwest::Response {
+        let first = post(url, Some(token), Some("session-order"), &order("order-6")).await;
+        if first.status() != 401 {
+            return first;
+        }
+        assert!(first.headers().contains_key("www-authenticate"));
+        *token = user_token("event-api-short", "alice", "alice-password").await;
+        post(url, Some(token), Some("session-order"), &order("order-6")).await
+    }
+
+    let mut token = user_token("event-api-short", "alice", "alice-password").await;
+    assert_eq!(publish_with_retry(&producer.events_url(), &mut token).await.status(), 202);
+
+    // The session goes on; the short token expires in the meantime.
+    let expires = jwt_payload(&token)["exp"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_secs((expires - now_secs() + 1).max(0) as u64)).await;
+    let stale = token.clone();
+    let response = publish_with_retry(&producer.events_url(), &mut token).await;
+    assert_eq!(response.status(), 202);
+    assert_ne!(token, stale, "the client refreshed its token");
+
+    producer.stop().await;
+    assert_eq!(record_count(&topic).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_authorization_headers_are_refused_whatever_their_order() {
     require_services().await;
     let topic = fresh_topic(1).await;
