@@ -2,10 +2,14 @@
 //! variables, validated at start.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use event_identity::Secret;
+use event_identity::exchange::ClientAuth;
+use jsonwebtoken::{Algorithm, EncodingKey};
 
 use crate::routes::EventRoute;
 
@@ -54,12 +58,26 @@ pub struct ProducerConfig {
     #[arg(long, env = "EI_CLIENT_ID")]
     pub client_id: String,
 
-    /// The producer's client secret (HTTP Basic client authentication).
+    /// The producer's client secret (`client_secret_basic`). Give this or
+    /// `--client-key-file`.
     #[arg(long, env = "EI_CLIENT_SECRET", hide_env_values = true)]
-    pub client_secret: Secret,
+    pub client_secret: Option<Secret>,
+
+    /// PEM private key for `private_key_jwt` client authentication
+    /// (RFC 7523); its public key must be registered at the server.
+    #[arg(long, env = "EI_CLIENT_KEY_FILE")]
+    pub client_key_file: Option<PathBuf>,
+
+    /// `kid` of the client key, as registered at the server.
+    #[arg(long, env = "EI_CLIENT_KEY_ID")]
+    pub client_key_id: Option<String>,
+
+    /// Algorithm of the client key: RS256, PS256, ES256 or EdDSA.
+    #[arg(long, env = "EI_CLIENT_KEY_ALG", default_value = "RS256", value_parser = ["RS256", "PS256", "ES256", "EdDSA"])]
+    pub client_key_alg: String,
 
     /// Key of the HMAC that turns a user's `Idempotency-Key` into a message
-    /// ID; default: the client secret. Every replica must use the same one,
+    /// ID; default: the client secret, or the client key. Every replica must use the same one,
     /// and changing it gives retries of earlier requests new IDs.
     #[arg(long, env = "EI_MESSAGE_ID_SECRET", hide_env_values = true)]
     pub message_id_secret: Option<Secret>,
@@ -119,6 +137,49 @@ impl ProducerConfig {
         self.user_audience.as_deref().unwrap_or(&self.client_id)
     }
 
+    /// The client authentication these settings describe, and the secret
+    /// that keys message IDs. Errors name the settings at fault.
+    pub fn client_auth(&self) -> Result<(ClientAuth, Secret), String> {
+        match (&self.client_secret, &self.client_key_file) {
+            (Some(_), Some(_)) => {
+                Err("--client-secret and --client-key-file: give one, not both".into())
+            }
+            (None, None) => Err("--client-secret or --client-key-file is required".into()),
+            (Some(secret), None) => {
+                let ids = self.message_id_secret.clone().unwrap_or_else(|| secret.clone());
+                Ok((ClientAuth::Secret(secret.clone()), ids))
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("--client-key-file {}: {e}", path.display()))?;
+                let algorithm: Algorithm = self
+                    .client_key_alg
+                    .parse()
+                    .map_err(|_| "--client-key-alg: unknown".to_owned())?;
+                let key = match algorithm {
+                    Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+                    Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+                    _ => EncodingKey::from_rsa_pem(&pem),
+                }
+                .map_err(|e| {
+                    format!(
+                        "--client-key-file {}: not a {algorithm:?} private key: {e}",
+                        path.display()
+                    )
+                })?;
+                let kid = self
+                    .client_key_id
+                    .clone()
+                    .ok_or("--client-key-id is required with --client-key-file")?;
+                let ids = match &self.message_id_secret {
+                    Some(secret) => secret.clone(),
+                    None => Secret::new(String::from_utf8_lossy(&pem).into_owned()),
+                };
+                Ok((ClientAuth::PrivateKeyJwt { key: Arc::new(key), kid, algorithm }, ids))
+            }
+        }
+    }
+
     /// Shutdown flush budget.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
@@ -161,8 +222,28 @@ mod tests {
     }
 
     #[test]
+    fn client_authentication_is_one_of_two_kinds() {
+        let route = "--route=type=a,requires=r,scope=s,audience=x";
+        let both = parse(&[route, "--client-key-file=/nonexistent.pem"]).unwrap();
+        assert!(both.client_auth().unwrap_err().contains("give one, not both"));
+        let mut none = parse(&[route]).unwrap();
+        none.client_secret = None;
+        assert_eq!(
+            none.client_auth().unwrap_err(),
+            "--client-secret or --client-key-file is required"
+        );
+        let mut missing = parse(&[route, "--client-key-file=/nonexistent.pem"]).unwrap();
+        missing.client_secret = None;
+        assert!(
+            missing.client_auth().unwrap_err().starts_with("--client-key-file /nonexistent.pem")
+        );
+    }
+
+    #[test]
     fn the_secret_does_not_show_in_debug_output() {
         let config = parse(&["--route=type=a,requires=r,scope=s,audience=x"]).unwrap();
-        assert_eq!(format!("{:?}", config.client_secret), "[redacted]");
+        assert_eq!(format!("{:?}", config.client_secret), "Some([redacted])");
+        let (auth, _) = config.client_auth().unwrap();
+        assert_eq!(format!("{auth:?}"), "client_secret_basic([redacted])");
     }
 }

@@ -83,6 +83,7 @@ impl Publisher {
     /// Kafka producer. Errors name the setting at fault.
     pub async fn from_config(config: &ProducerConfig) -> anyhow::Result<Self> {
         let http = event_identity::http::client(Duration::from_millis(config.http_timeout_ms));
+        let (auth, message_id_secret) = config.client_auth().map_err(anyhow::Error::msg)?;
         let routes = Routes::new(config.routes.iter().cloned())
             .map_err(|e| anyhow::anyhow!("--route: {e}"))?;
 
@@ -126,11 +127,7 @@ impl Publisher {
         tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
 
         let exchanger = TokenExchanger::new(
-            ExchangeConfig {
-                token_endpoint,
-                client_id: config.client_id.clone(),
-                client_secret: config.client_secret.clone(),
-            },
+            ExchangeConfig { token_endpoint, client_id: config.client_id.clone(), auth },
             http,
         );
         let tokens = EventTokens::new(
@@ -156,9 +153,7 @@ impl Publisher {
             topic: config.topic.clone(),
             source: config.source.clone(),
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms),
-            message_ids: MessageIds::new(
-                config.message_id_secret.clone().unwrap_or_else(|| config.client_secret.clone()),
-            ),
+            message_ids: MessageIds::new(message_id_secret),
         })
     }
 
@@ -199,10 +194,10 @@ impl Publisher {
         if request.key.is_empty() {
             return Err(PublishError::InvalidRequest("the partition key is empty".into()));
         }
-        if !user.has_scope(&route.requires) {
+        if let Err(missing) = route.requires.check(user) {
             return Err(PublishError::Forbidden(format!(
-                "publishing {} requires scope {}",
-                route.event_type, route.requires
+                "publishing {} requires {missing}",
+                route.event_type
             )));
         }
 

@@ -3,34 +3,73 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
+use event_identity::VerifiedClaims;
+use serde_json::Value;
+
 /// One publishable event type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRoute {
     /// The CloudEvents type, e.g. `com.example.order.created`.
     pub event_type: String,
-    /// The scope a user token must carry to publish this type, e.g.
-    /// `orders:write`.
-    pub requires: String,
+    /// What a user token must show to publish this type.
+    pub requires: Requirement,
     /// The one scope the event token gets, e.g. `events:order.created`.
     pub scope: String,
     /// The consumers' audience the event token is addressed to.
     pub audience: String,
 }
 
+/// The permission to publish an event type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    /// The user token's scopes include this one (`requires=orders:write`).
+    Scope(String),
+    /// The user token's claim is one of these strings, or a list holding
+    /// one of them (`requires_claim=roles:order-writer|admin`).
+    Claim {
+        /// Claim name.
+        claim: String,
+        /// Accepted values.
+        values: Vec<String>,
+    },
+}
+
+impl Requirement {
+    /// Whether `user` meets it; `Err` says what is missing.
+    pub fn check(&self, user: &VerifiedClaims) -> Result<(), String> {
+        match self {
+            Self::Scope(scope) if user.has_scope(scope) => Ok(()),
+            Self::Scope(scope) => Err(format!("scope {scope}")),
+            Self::Claim { claim, values } => {
+                let held = match user.claim(claim) {
+                    Some(Value::String(value)) => values.contains(value),
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .any(|v| values.iter().any(|w| w == v)),
+                    _ => false,
+                };
+                if held { Ok(()) } else { Err(format!("claim {claim} in {}", values.join("|"))) }
+            }
+        }
+    }
+}
+
 impl FromStr for EventRoute {
     type Err = String;
 
-    /// Parses `type=T,requires=S,scope=E,audience=A` (any order, all four
-    /// required).
+    /// Parses `type=T,requires=S,scope=E,audience=A` (any order, all
+    /// required), where `requires_claim=CLAIM:V1|V2` may replace `requires`.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let mut fields = HashMap::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, value) =
                 part.split_once('=').ok_or_else(|| format!("{part:?} is not name=value"))?;
             let (name, value) = (name.trim(), value.trim());
-            if !matches!(name, "type" | "requires" | "scope" | "audience") {
+            if !matches!(name, "type" | "requires" | "requires_claim" | "scope" | "audience") {
                 return Err(format!(
-                    "unknown field {name:?} (expected type, requires, scope, audience)"
+                    "unknown field {name:?} (expected type, requires or requires_claim, scope, \
+                     audience)"
                 ));
             }
             if value.is_empty() || value.contains(char::is_whitespace) {
@@ -40,11 +79,23 @@ impl FromStr for EventRoute {
                 return Err(format!("{name} is given twice"));
             }
         }
+        let requires = match (fields.remove("requires"), fields.remove("requires_claim")) {
+            (Some(scope), None) => Requirement::Scope(scope),
+            (None, Some(spec)) => match spec.split_once(':') {
+                Some((claim, values)) if !claim.is_empty() && !values.is_empty() => {
+                    let values = values.split('|').map(str::to_owned).collect();
+                    Requirement::Claim { claim: claim.to_owned(), values }
+                }
+                _ => return Err(format!("requires_claim must be CLAIM:V1|V2, got {spec:?}")),
+            },
+            (Some(_), Some(_)) => return Err("give requires or requires_claim, not both".into()),
+            (None, None) => return Err("requires= (or requires_claim=) is missing".into()),
+        };
         let mut take =
             |name: &str| fields.remove(name).ok_or_else(|| format!("{name}= is missing"));
         Ok(Self {
             event_type: take("type")?,
-            requires: take("requires")?,
+            requires,
             scope: take("scope")?,
             audience: take("audience")?,
         })
@@ -89,13 +140,43 @@ mod tests {
                 .parse()
                 .unwrap();
         assert_eq!(route.event_type, "com.example.order.created");
-        assert_eq!(route.requires, "orders:write");
+        assert_eq!(route.requires, Requirement::Scope("orders:write".into()));
         assert_eq!(route.scope, "events:order.created");
         assert_eq!(route.audience, "order-consumer");
     }
 
     #[test]
+    fn a_claim_can_be_the_permission() {
+        let route: EventRoute =
+            "type=t,requires_claim=roles:order-writer|admin,scope=s,audience=a".parse().unwrap();
+        let requirement = Requirement::Claim {
+            claim: "roles".into(),
+            values: vec!["order-writer".into(), "admin".into()],
+        };
+        assert_eq!(route.requires, requirement);
+        let user = |claims: Value| VerifiedClaims {
+            subject: "user-1".into(),
+            issuer: "i".into(),
+            audience: vec![],
+            scopes: vec![],
+            expires_at: 0,
+            issued_at: None,
+            token_id: None,
+            key_id: "k".into(),
+            claims: claims.as_object().unwrap().clone(),
+        };
+        assert!(
+            requirement.check(&user(serde_json::json!({"roles": ["reader", "admin"]}))).is_ok()
+        );
+        assert!(requirement.check(&user(serde_json::json!({"roles": "order-writer"}))).is_ok());
+        assert!(requirement.check(&user(serde_json::json!({"roles": ["reader"]}))).is_err());
+        assert!(requirement.check(&user(serde_json::json!({}))).is_err());
+    }
+
+    #[test]
     fn names_what_is_wrong() {
+        let both = "type=a,requires=b,requires_claim=c:d,scope=e,audience=f".parse::<EventRoute>();
+        assert_eq!(both.unwrap_err(), "give requires or requires_claim, not both");
         let missing = "type=a,requires=b,scope=c".parse::<EventRoute>().unwrap_err();
         assert_eq!(missing, "audience= is missing");
         let unknown = "type=a,colour=b".parse::<EventRoute>().unwrap_err();

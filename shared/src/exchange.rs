@@ -8,6 +8,7 @@
 //! trusted.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -18,6 +19,38 @@ pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// The token type of an OAuth access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
+/// The assertion type of RFC 7523 client authentication.
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// How the producer proves its identity to the token endpoint.
+#[derive(Clone)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: the client secret in HTTP Basic
+    /// authentication.
+    Secret(Secret),
+    /// `private_key_jwt` (RFC 7523): a short-lived JWT signed with the
+    /// client's private key, whose public key the server holds.
+    PrivateKeyJwt {
+        /// The signing key.
+        key: Arc<jsonwebtoken::EncodingKey>,
+        /// Its `kid`, as registered at the server.
+        kid: String,
+        /// Its algorithm (RS256, PS256, ES256, EdDSA).
+        algorithm: jsonwebtoken::Algorithm,
+    },
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Secret(_) => f.write_str("client_secret_basic([redacted])"),
+            Self::PrivateKeyJwt { kid, algorithm, .. } => {
+                write!(f, "private_key_jwt(kid={kid}, alg={algorithm:?})")
+            }
+        }
+    }
+}
+
 /// Where and as whom to exchange tokens.
 #[derive(Clone)]
 pub struct ExchangeConfig {
@@ -25,8 +58,8 @@ pub struct ExchangeConfig {
     pub token_endpoint: reqwest::Url,
     /// The producer's client ID.
     pub client_id: String,
-    /// The producer's client secret, sent with HTTP Basic authentication.
-    pub client_secret: Secret,
+    /// How the producer authenticates.
+    pub auth: ClientAuth,
 }
 
 impl fmt::Debug for ExchangeConfig {
@@ -34,7 +67,7 @@ impl fmt::Debug for ExchangeConfig {
         f.debug_struct("ExchangeConfig")
             .field("token_endpoint", &self.token_endpoint.as_str())
             .field("client_id", &self.client_id)
-            .field("client_secret", &self.client_secret)
+            .field("auth", &self.auth)
             .finish()
     }
 }
@@ -54,6 +87,10 @@ pub enum ExchangeError {
         /// The OAuth `error` code (and description, when given).
         error: String,
     },
+    /// The client assertion could not be signed (a key that does not fit
+    /// its algorithm).
+    #[error("cannot sign the client assertion: {0}")]
+    ClientAssertion(String),
     /// The server answered 200 with something that is not a token response.
     #[error("token exchange answered an unusable response: {0}")]
     InvalidResponse(String),
@@ -97,18 +134,27 @@ impl TokenExchanger {
         scope: &str,
         audience: &str,
     ) -> Result<Secret, ExchangeError> {
-        let form = [
-            ("grant_type", GRANT_TYPE),
-            ("subject_token", subject_token.expose()),
-            ("subject_token_type", ACCESS_TOKEN_TYPE),
-            ("requested_token_type", ACCESS_TOKEN_TYPE),
-            ("scope", scope),
-            ("audience", audience),
+        let mut form = vec![
+            ("grant_type", GRANT_TYPE.to_owned()),
+            ("subject_token", subject_token.expose().to_owned()),
+            ("subject_token_type", ACCESS_TOKEN_TYPE.to_owned()),
+            ("requested_token_type", ACCESS_TOKEN_TYPE.to_owned()),
+            ("scope", scope.to_owned()),
+            ("audience", audience.to_owned()),
         ];
-        let response = self
-            .http
-            .post(self.config.token_endpoint.clone())
-            .basic_auth(&self.config.client_id, Some(self.config.client_secret.expose()))
+        let mut request = self.http.post(self.config.token_endpoint.clone());
+        match &self.config.auth {
+            ClientAuth::Secret(secret) => {
+                request = request.basic_auth(&self.config.client_id, Some(secret.expose()));
+            }
+            ClientAuth::PrivateKeyJwt { key, kid, algorithm } => {
+                let assertion = self.client_assertion(key, kid, *algorithm)?;
+                form.push(("client_id", self.config.client_id.clone()));
+                form.push(("client_assertion_type", JWT_BEARER_ASSERTION.to_owned()));
+                form.push(("client_assertion", assertion));
+            }
+        }
+        let response = request
             .form(&form)
             .send()
             .await
@@ -148,6 +194,35 @@ impl TokenExchanger {
             .filter(|t| !t.is_empty())
             .map(Secret::new)
             .ok_or_else(|| ExchangeError::InvalidResponse("no access_token".into()))
+    }
+}
+
+impl TokenExchanger {
+    /// A client assertion (RFC 7523 section 3) for one request: issued by
+    /// and about this client, addressed to the token endpoint, valid for
+    /// one minute, with a fresh `jti` so it cannot be replayed.
+    fn client_assertion(
+        &self,
+        key: &jsonwebtoken::EncodingKey,
+        kid: &str,
+        algorithm: jsonwebtoken::Algorithm,
+    ) -> Result<String, ExchangeError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let claims = serde_json::json!({
+            "iss": self.config.client_id,
+            "sub": self.config.client_id,
+            "aud": self.config.token_endpoint.as_str(),
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "iat": now,
+            "exp": now + 60,
+        });
+        let mut header = jsonwebtoken::Header::new(algorithm);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &claims, key)
+            .map_err(|e| ExchangeError::ClientAssertion(e.to_string()))
     }
 }
 

@@ -244,6 +244,34 @@ async fn a_client_that_refreshes_on_401_and_retries_once_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_authenticating_with_private_key_jwt_publishes() {
+    require_services().await;
+    let topic = fresh_topic(1).await;
+    let key_file = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/producer-client-rsa.pem");
+    let mut config = producer_config(
+        &topic,
+        &[
+            "--client-id=event-producer-jwt",
+            &format!("--client-key-file={key_file}"),
+            "--client-key-id=producer-client-1",
+        ],
+    );
+    config.client_secret = None;
+    let producer = start_producer(config).await;
+
+    let response =
+        post(&producer.events_url(), Some(&alice_token().await), None, &order("o-7")).await;
+    assert_eq!(response.status(), 202);
+    let records = read_all(&topic).await;
+    let authorization = header(&records[0], "authorization").unwrap();
+    let claims = jwt_payload(authorization.strip_prefix("Bearer ").unwrap());
+    assert_eq!(claims["azp"], "event-producer-jwt");
+    assert_eq!(claims["scope"], EVENT_SCOPE);
+
+    producer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_authorization_headers_are_refused_whatever_their_order() {
     require_services().await;
     let topic = fresh_topic(1).await;
