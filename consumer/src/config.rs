@@ -70,6 +70,18 @@ pub struct ConsumerConfig {
     #[arg(long, env = "EI_LEEWAY_S", default_value_t = 30)]
     pub leeway_s: u64,
 
+    /// Least time between two fetches of the issuer's keys caused by an
+    /// unknown `kid` or a failed fetch, in milliseconds. Within it, a token
+    /// under an unknown `kid` is rejected as `unknown_key`, so publish new
+    /// signing keys at least this long before signing with them.
+    #[arg(long, env = "EI_JWKS_COOLDOWN_MS", default_value_t = 30_000)]
+    pub jwks_cooldown_ms: u64,
+
+    /// How long the issuer's keys are used before they are fetched again,
+    /// in seconds.
+    #[arg(long, env = "EI_JWKS_REFRESH_S", default_value_t = 3600)]
+    pub jwks_refresh_s: u64,
+
     /// Timeout of each request to the authorization server, in milliseconds.
     #[arg(long, env = "EI_HTTP_TIMEOUT_MS", default_value_t = 5_000)]
     pub http_timeout_ms: u64,

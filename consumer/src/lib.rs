@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use event_identity::discovery::discover;
 use event_identity::http::check_url;
+use event_identity::jwks::JwksTiming;
 use event_identity::{Verifier, VerifierConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -85,6 +86,10 @@ impl ConsumerBuilder {
         };
         let mut verifier_config = VerifierConfig::new(&config.issuer, jwks_url, &config.audience);
         verifier_config.leeway = Duration::from_secs(config.leeway_s);
+        verifier_config.jwks_timing = JwksTiming {
+            refresh_interval: Duration::from_secs(config.jwks_refresh_s),
+            miss_cooldown: Duration::from_millis(config.jwks_cooldown_ms),
+        };
         let verifier =
             Verifier::new(verifier_config, http).map_err(|e| anyhow::anyhow!("--audience: {e}"))?;
         let keys = verifier

@@ -284,7 +284,7 @@ pub struct TestConsumer {
     pub database_url: String,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
 }
 
 impl TestConsumer {
@@ -307,6 +307,18 @@ impl TestConsumer {
         .unwrap();
         pool.close().await;
         rows
+    }
+
+    /// The Kafka offsets of the rows in the `events` table, in order.
+    pub async fn processed_offsets(&self) -> Vec<i64> {
+        let pool = sqlx::SqlitePool::connect(&self.database_url).await.unwrap();
+        let rows: Vec<(i64,)> =
+            sqlx::query_as("SELECT kafka_offset FROM events ORDER BY kafka_offset")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        pool.close().await;
+        rows.into_iter().map(|r| r.0).collect()
     }
 
     /// Rows in the `events` table.
@@ -338,7 +350,7 @@ pub fn consumer_config(
     let mut args = vec![
         "event-consumer".to_owned(),
         format!("--kafka-bootstrap={}", kafka_bootstrap()),
-        format!("--group=group-{topic}"),
+        format!("--group={}", group_of(topic)),
         format!("--topic={topic}"),
         format!("--dead-letter-topic={}", dead_letter_topic(topic)),
         format!("--issuer={issuer}"),
@@ -360,21 +372,72 @@ pub async fn start_consumer(topic: &str) -> TestConsumer {
 /// Starts a consumer on `topic` with a fresh SQLite inbox, trusting
 /// `issuer`.
 pub async fn start_consumer_trusting(topic: &str, issuer: &str) -> TestConsumer {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    start_consumer_with(topic, issuer, dir, ConsumerBuilder::new).await
+}
+
+/// Starts a consumer on `topic` whose inbox is `inbox.db` in `dir` (shared
+/// by consumers started with the same `dir`), trusting `issuer`; `build`
+/// may add a handler or policies to the builder.
+pub async fn start_consumer_with(
+    topic: &str,
+    issuer: &str,
+    dir: Arc<tempfile::TempDir>,
+    build: impl FnOnce(ConsumerConfig) -> ConsumerBuilder,
+) -> TestConsumer {
     let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
     let config = consumer_config(topic, &database_url, issuer, &[]);
-    let consumer: EventConsumer =
-        ConsumerBuilder::new(config).build().await.expect("consumer starts");
+    let consumer: EventConsumer = build(config).build().await.expect("consumer starts");
     let stats = consumer.stats();
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
     TestConsumer { stats, database_url, stop, task, _dir: dir }
 }
 
+/// The committed offset of `group` on `topic`'s `partition` (-1001 when
+/// none is committed).
+pub async fn committed_offset(group: &str, topic: &str, partition: i32) -> i64 {
+    use rdkafka::{Offset, TopicPartitionList};
+    let (group, topic) = (group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("group.id", &group)
+            .create()
+            .expect("client");
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&topic, partition);
+        let committed =
+            consumer.committed_offsets(list, Duration::from_secs(10)).expect("committed");
+        match committed.find_partition(&topic, partition).map(|p| p.offset()) {
+            Some(Offset::Offset(offset)) => offset,
+            _ => -1001,
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The consumer group the test consumers of `topic` join.
+pub fn group_of(topic: &str) -> String {
+    format!("group-{topic}")
+}
+
 /// Writes a record straight to `topic`, as an attacker or a misbehaving
 /// producer would: contract headers with `id`, and `authorization` when a
 /// token is given.
 pub async fn write_record(topic: &str, id: &str, token: Option<&str>, value: &[u8]) {
+    write_record_at(topic, 0, id, token, value).await
+}
+
+/// [`write_record`] to a given partition.
+pub async fn write_record_at(
+    topic: &str,
+    partition: i32,
+    id: &str,
+    token: Option<&str>,
+    value: &[u8],
+) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -390,7 +453,8 @@ pub async fn write_record(topic: &str, id: &str, token: Option<&str>, value: &[u
     if let Some(value) = &authorization {
         headers = headers.insert(Header { key: "authorization", value: Some(value.as_str()) });
     }
-    let record = FutureRecord::to(topic).key("test").payload(value).headers(headers);
+    let record =
+        FutureRecord::to(topic).partition(partition).key("test").payload(value).headers(headers);
     writer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("record written");
 }
 
