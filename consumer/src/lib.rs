@@ -22,8 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use event_identity::discovery::discover;
-use event_identity::http::check_url;
+use event_identity::discovery::resolve;
 use event_identity::jwks::JwksTiming;
 use event_identity::{Verifier, VerifierConfig};
 use rdkafka::ClientConfig;
@@ -74,17 +73,18 @@ impl ConsumerBuilder {
         }
 
         let http = event_identity::http::client(Duration::from_millis(config.http_timeout_ms));
-        let jwks_url = match &config.jwks_url {
-            Some(url) => check_url(url, config.allow_plain_http)
-                .map_err(|e| anyhow::anyhow!("--jwks-url: {e}"))?,
-            None => {
-                discover(&http, &config.issuer, config.allow_plain_http)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("--issuer: {e}"))?
-                    .jwks_uri
-            }
-        };
-        let mut verifier_config = VerifierConfig::new(&config.issuer, jwks_url, &config.audience);
+        let endpoints = resolve(
+            &http,
+            &config.issuer,
+            config.jwks_url.as_deref(),
+            None,
+            false,
+            config.allow_plain_http,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let mut verifier_config =
+            VerifierConfig::new(&config.issuer, endpoints.jwks_uri, &config.audience);
         verifier_config.leeway = Duration::from_secs(config.leeway_s);
         verifier_config.jwks_timing = JwksTiming {
             refresh_interval: Duration::from_secs(config.jwks_refresh_s),

@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use event_identity::contract::{self, MessageIds, header};
-use event_identity::discovery::discover;
+use event_identity::discovery::resolve;
 use event_identity::exchange::{ExchangeConfig, ExchangeError, TokenExchanger};
-use event_identity::http::check_url;
 use event_identity::{Rejection, Secret, VerifiedClaims, Verifier, VerifierConfig, VerifyError};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -87,32 +86,20 @@ impl Publisher {
         let routes = Routes::new(config.routes.iter().cloned())
             .map_err(|e| anyhow::anyhow!("--route: {e}"))?;
 
-        let (jwks_url, token_endpoint) = match (&config.jwks_url, &config.token_endpoint) {
-            (Some(jwks), Some(token)) => (
-                check_url(jwks, config.allow_plain_http)
-                    .map_err(|e| anyhow::anyhow!("--jwks-url: {e}"))?,
-                check_url(token, config.allow_plain_http)
-                    .map_err(|e| anyhow::anyhow!("--token-endpoint: {e}"))?,
-            ),
-            _ => {
-                let found = discover(&http, &config.issuer, config.allow_plain_http)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("--issuer: {e}"))?;
-                let jwks = match &config.jwks_url {
-                    Some(url) => check_url(url, config.allow_plain_http)
-                        .map_err(|e| anyhow::anyhow!("--jwks-url: {e}"))?,
-                    None => found.jwks_uri,
-                };
-                let token = match &config.token_endpoint {
-                    Some(url) => check_url(url, config.allow_plain_http)
-                        .map_err(|e| anyhow::anyhow!("--token-endpoint: {e}"))?,
-                    None => found
-                        .token_endpoint
-                        .context("--issuer: the discovery document has no token_endpoint; set --token-endpoint")?,
-                };
-                (jwks, token)
-            }
-        };
+        let endpoints = resolve(
+            &http,
+            &config.issuer,
+            config.jwks_url.as_deref(),
+            config.token_endpoint.as_deref(),
+            true,
+            config.allow_plain_http,
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let (jwks_url, token_endpoint) = (
+            endpoints.jwks_uri,
+            endpoints.token_endpoint.expect("resolve returns a token endpoint when asked"),
+        );
 
         let mut verifier_config =
             VerifierConfig::new(&config.issuer, jwks_url, config.user_audience());

@@ -60,3 +60,46 @@ pub async fn discover(
             .transpose()?,
     })
 }
+
+/// The endpoints a service uses, as configured or discovered.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// The JWKS location.
+    pub jwks_uri: reqwest::Url,
+    /// The token endpoint, when one was asked for.
+    pub token_endpoint: Option<reqwest::Url>,
+}
+
+/// Resolves the JWKS URL (and the token endpoint when `need_token`): the
+/// configured ones when given, otherwise from the issuer's discovery
+/// document, which is fetched only if something is missing. Errors name
+/// the setting at fault (`--jwks-url`, `--token-endpoint`, `--issuer`).
+pub async fn resolve(
+    http: &reqwest::Client,
+    issuer: &str,
+    jwks_url: Option<&str>,
+    token_endpoint: Option<&str>,
+    need_token: bool,
+    allow_plain_http: bool,
+) -> Result<Endpoints, String> {
+    let jwks = jwks_url
+        .map(|url| check_url(url, allow_plain_http).map_err(|e| format!("--jwks-url: {e}")))
+        .transpose()?;
+    let token = token_endpoint
+        .map(|url| check_url(url, allow_plain_http).map_err(|e| format!("--token-endpoint: {e}")))
+        .transpose()?;
+    if let (Some(jwks_uri), true) = (&jwks, token.is_some() || !need_token) {
+        return Ok(Endpoints { jwks_uri: jwks_uri.clone(), token_endpoint: token });
+    }
+
+    let found =
+        discover(http, issuer, allow_plain_http).await.map_err(|e| format!("--issuer: {e}"))?;
+    let token_endpoint = match (token, need_token) {
+        (Some(token), _) => Some(token),
+        (None, false) => None,
+        (None, true) => Some(found.token_endpoint.ok_or(
+            "--issuer: the discovery document has no token_endpoint; set --token-endpoint",
+        )?),
+    };
+    Ok(Endpoints { jwks_uri: jwks.unwrap_or(found.jwks_uri), token_endpoint })
+}
