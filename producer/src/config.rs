@@ -31,7 +31,7 @@ pub struct ProducerConfig {
     pub kafka_bootstrap: String,
 
     /// Topic the events are published to.
-    #[arg(long, env = "EI_TOPIC", default_value = "events")]
+    #[arg(long, env = "EI_TOPIC", default_value = "events", value_parser = topic_name)]
     pub topic: String,
 
     /// The authorization server's issuer identifier (exact `iss`). Its
@@ -60,7 +60,7 @@ pub struct ProducerConfig {
 
     /// The producer's client secret (`client_secret_basic`). Give this or
     /// `--client-key-file`.
-    #[arg(long, env = "EI_CLIENT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "EI_CLIENT_SECRET", hide_env_values = true, value_parser = non_empty_secret)]
     pub client_secret: Option<Secret>,
 
     /// PEM private key for `private_key_jwt` client authentication
@@ -79,7 +79,7 @@ pub struct ProducerConfig {
     /// Key of the HMAC that turns a user's `Idempotency-Key` into a message
     /// ID; default: the client secret, or the client key. Every replica must use the same one,
     /// and changing it gives retries of earlier requests new IDs.
-    #[arg(long, env = "EI_MESSAGE_ID_SECRET", hide_env_values = true)]
+    #[arg(long, env = "EI_MESSAGE_ID_SECRET", hide_env_values = true, value_parser = non_empty_secret)]
     pub message_id_secret: Option<Secret>,
 
     /// Audience user tokens must name; default: the client ID.
@@ -94,11 +94,11 @@ pub struct ProducerConfig {
 
     /// Least remaining lifetime an event token must have to be published
     /// or reused from the cache, in seconds.
-    #[arg(long, env = "EI_MIN_EVENT_TOKEN_LIFETIME_S", default_value_t = 3600)]
+    #[arg(long, env = "EI_MIN_EVENT_TOKEN_LIFETIME_S", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub min_event_token_lifetime_s: u64,
 
     /// Clock skew tolerated when checking token times, in seconds.
-    #[arg(long, env = "EI_LEEWAY_S", default_value_t = 30)]
+    #[arg(long, env = "EI_LEEWAY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
     pub leeway_s: u64,
 
     /// The `ce_source` of published events.
@@ -107,28 +107,44 @@ pub struct ProducerConfig {
 
     /// How long Kafka may take to acknowledge a record before the request
     /// fails with 503, in milliseconds.
-    #[arg(long, env = "EI_DELIVERY_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "EI_DELIVERY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub delivery_timeout_ms: u64,
 
     /// How long Kafka batches records before sending, in milliseconds.
-    #[arg(long, env = "EI_LINGER_MS", default_value_t = 5)]
+    #[arg(long, env = "EI_LINGER_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=900_000))]
     pub linger_ms: u64,
 
     /// Time allowed at shutdown to deliver queued records, in milliseconds.
-    #[arg(long, env = "EI_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "EI_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub shutdown_timeout_ms: u64,
 
     /// Timeout of each request to the authorization server, in milliseconds.
-    #[arg(long, env = "EI_HTTP_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, env = "EI_HTTP_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=120_000))]
     pub http_timeout_ms: u64,
 
     /// Largest request body accepted, in bytes; larger bodies get 413.
-    #[arg(long, env = "EI_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
-    pub max_body_bytes: usize,
+    #[arg(long, env = "EI_MAX_BODY_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..=67_108_864))]
+    pub max_body_bytes: u64,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "EI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// A Kafka topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
+pub fn topic_name(name: &str) -> Result<String, String> {
+    let legal = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if name.is_empty() || name.len() > 249 || !legal || name == "." || name == ".." {
+        return Err(format!("{name:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"));
+    }
+    Ok(name.to_owned())
+}
+
+fn non_empty_secret(value: &str) -> Result<Secret, String> {
+    if value.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(Secret::new(value))
 }
 
 impl ProducerConfig {
@@ -212,6 +228,24 @@ mod tests {
         .unwrap();
         assert_eq!(config.routes.len(), 2);
         assert_eq!(config.topic, "second");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_setting() {
+        let route = "--route=type=a,requires=r,scope=s,audience=x";
+        for bad in [
+            "--min-event-token-lifetime-s=18446744073709551615",
+            "--delivery-timeout-ms=0",
+            "--leeway-s=301",
+            "--topic=bad topic!",
+            "--topic=",
+            "--client-secret=",
+            "--max-body-bytes=0",
+        ] {
+            let flag = bad.split('=').next().unwrap();
+            let error = parse(&[route, bad]).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(error.contains(flag), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -25,6 +25,8 @@ const CACHE_CAPACITY: usize = 10_000;
 /// Tries of an exchange whose server is unavailable, 200 ms then 400 ms
 /// apart, before the request fails with 503.
 const EXCHANGE_ATTEMPTS: u32 = 3;
+/// How long a failed exchange answers the requests that waited for it.
+const FAILURE_SHARING: Duration = Duration::from_secs(1);
 
 /// Why no usable event token could be had.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -52,6 +54,7 @@ pub struct EventTokens {
     min_lifetime: Duration,
     cache: Mutex<HashMap<String, Cached>>,
     in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    failures: Mutex<HashMap<String, (Instant, EventTokenError)>>,
     exchanges: AtomicU64,
 }
 
@@ -65,6 +68,7 @@ impl EventTokens {
             min_lifetime,
             cache: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
         }
     }
@@ -83,19 +87,33 @@ impl EventTokens {
         user: &VerifiedClaims,
         route: &EventRoute,
     ) -> Result<Secret, EventTokenError> {
-        // The whole SHA-256, not a short fingerprint: a collision here would
-        // hand one user's event token to another.
-        let digest: [u8; 32] = Sha256::digest(user_token.expose().as_bytes()).into();
-        let key = format!("{}|{}|{}", hex(&digest), route.scope, route.audience);
+        // A digest of the whole user token, not a short fingerprint (a
+        // collision would hand one user's event token to another), with
+        // length-prefixed fields so no scope or audience can alias another.
+        let mut hasher = Sha256::new();
+        for part in [user_token.expose(), route.scope.as_str(), route.audience.as_str()] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part.as_bytes());
+        }
+        let key = hex(&hasher.finalize());
         if let Some(token) = self.cached(&key, SystemTime::now()) {
             return Ok(token);
         }
 
         let lock = self.in_flight_lock(&key);
         let guard = lock.lock().await;
-        let result = match self.cached(&key, SystemTime::now()) {
-            Some(token) => Ok(token),
-            None => self.exchange(key.clone(), user_token, user, route).await,
+        let result = match (self.cached(&key, SystemTime::now()), self.recent_failure(&key)) {
+            (Some(token), _) => Ok(token),
+            // The exchange this request waited for just failed: share its
+            // answer rather than repeat its retries.
+            (None, Some(error)) => Err(error),
+            (None, None) => {
+                let result = self.exchange(key.clone(), user_token, user, route).await;
+                if let Err(error) = &result {
+                    self.remember_failure(&key, error.clone());
+                }
+                result
+            }
         };
         drop(guard);
         self.release_in_flight_lock(&key, lock);
@@ -136,6 +154,18 @@ impl EventTokens {
         );
         self.store(key, &token, claims.expires_at, now);
         Ok(token)
+    }
+
+    fn recent_failure(&self, key: &str) -> Option<EventTokenError> {
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, error) = failures.get(key)?;
+        (at.elapsed() < FAILURE_SHARING).then(|| error.clone())
+    }
+
+    fn remember_failure(&self, key: &str, error: EventTokenError) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.retain(|_, (at, _)| at.elapsed() < FAILURE_SHARING);
+        failures.insert(key.to_owned(), (Instant::now(), error));
     }
 
     fn in_flight_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {

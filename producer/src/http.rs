@@ -7,11 +7,11 @@
 //! acknowledged the record. Errors are RFC 9457 problem documents.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, to_bytes};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,16 +24,24 @@ use crate::publisher::{PublishError, PublishRequest, Publisher};
 
 /// Seconds a client should wait before retrying after a 503.
 const RETRY_AFTER_S: &str = "5";
+/// Time allowed to receive a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest `Idempotency-Key` accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// The API's routes over `publisher`.
-pub fn router(publisher: Arc<Publisher>, max_body_bytes: usize) -> Router {
+pub fn router(publisher: Arc<Publisher>, max_body_bytes: u64) -> Router {
+    let max_body_bytes = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
     Router::new()
         .route("/v1/events", post(publish))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(publisher)
+        .with_state(Api { publisher, max_body_bytes })
+}
+
+#[derive(Clone)]
+struct Api {
+    publisher: Arc<Publisher>,
+    max_body_bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -45,22 +53,15 @@ struct EventBody {
     data: Value,
 }
 
-async fn publish(
-    State(publisher): State<Arc<Publisher>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match handle(&publisher, &headers, body).await {
+async fn publish(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
+    match handle(&api, &headers, body).await {
         Ok(response) => response,
         Err(error) => problem_response(&error),
     }
 }
 
-async fn handle(
-    publisher: &Publisher,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, PublishError> {
+async fn handle(api: &Api, headers: &HeaderMap, body: Body) -> Result<Response, PublishError> {
+    let publisher = &api.publisher;
     // Authentication comes first: an anonymous caller learns nothing about
     // the request's shape.
     let mut authorizations = headers.get_all(header::AUTHORIZATION).iter();
@@ -80,18 +81,33 @@ async fn handle(
     };
     let (token, user) = publisher.authenticate(bearer).await?;
 
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => PublishError::InvalidRequest("payload_too_large".into()),
-        _ => PublishError::InvalidRequest(e.body_text()),
-    })?;
+    // Read only now, and in bounded time: a client that trickles its body
+    // must not hold a connection (or the shutdown) forever.
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, to_bytes(body, api.max_body_bytes));
+    let body = match read.await {
+        Err(_) => return Err(PublishError::RequestTimeout),
+        Ok(Err(e)) if is_length_limit(&e) => return Err(PublishError::PayloadTooLarge),
+        Ok(Err(e)) => {
+            return Err(PublishError::InvalidRequest(format!("cannot read the body: {e}")));
+        }
+        Ok(Ok(body)) => body,
+    };
     let body: EventBody = event_identity::json::parse_strict(&body)
         .and_then(serde_json::from_value)
         .map_err(|e| PublishError::InvalidRequest(format!("the body is not an event: {e}")))?;
-    let idempotency_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(value) => {
-            let key =
-                value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY);
+    let mut keys = headers.get_all("idempotency-key").iter();
+    let idempotency_key = match (keys.next(), keys.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => {
+            return Err(PublishError::InvalidRequest(
+                "more than one Idempotency-Key header".into(),
+            ));
+        }
+        (Some(value), None) => {
+            let key = value.to_str().ok().filter(|k| {
+                (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len())
+                    && k.bytes().all(|b| b.is_ascii_graphic())
+            });
             Some(key.ok_or_else(|| {
                 PublishError::InvalidRequest(format!(
                     "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
@@ -117,6 +133,17 @@ async fn handle(
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 fn problem_response(error: &PublishError) -> Response {
     let (status, code, detail) = match error {
         PublishError::Unauthenticated(VerifyError::Rejected { reason, detail }) => {
@@ -129,10 +156,15 @@ fn problem_response(error: &PublishError) -> Response {
         PublishError::Forbidden(why) => {
             (StatusCode::FORBIDDEN, Rejection::Forbidden.code(), why.clone())
         }
-        PublishError::InvalidRequest(why) if why == "payload_too_large" => (
+        PublishError::PayloadTooLarge => (
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             "the request body is larger than the configured limit".to_owned(),
+        ),
+        PublishError::RequestTimeout => (
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
         ),
         PublishError::InvalidRequest(why) => {
             (StatusCode::BAD_REQUEST, "invalid_request", why.clone())

@@ -21,6 +21,7 @@ pub mod routes;
 use std::future::{Future, IntoFuture as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -81,18 +82,33 @@ impl Service {
             _ = requested => {}
         }
 
-        // No new requests now. Requests in flight wait for their delivery
-        // reports; give those the shutdown budget, then purge what is left,
-        // which fails the waiting requests (503) instead of leaving clients
-        // to believe in records that were never written.
-        let undelivered = self.publisher.flush(self.config.shutdown_timeout()).await;
+        // No new requests now. Requests in flight finish when their records
+        // are acknowledged; give them the shutdown budget. What is still
+        // running then is failed (its queued records purged, so its client
+        // gets 503) rather than left waiting: no client is told 202 for a
+        // record that was not written.
+        let budget = self.config.shutdown_timeout();
+        let undelivered = match tokio::time::timeout(budget, &mut server).await {
+            Ok(joined) => {
+                joined??;
+                self.publisher.flush(budget).await
+            }
+            Err(_) => {
+                let undelivered = self.publisher.in_progress().max(self.publisher.undelivered());
+                tracing::error!(
+                    undelivered,
+                    "events undelivered at the end of the shutdown budget"
+                );
+                self.publisher.purge();
+                if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
+                    server.abort();
+                }
+                undelivered
+            }
+        };
         if undelivered == 0 {
-            tracing::info!("every accepted record was delivered");
-        } else {
-            tracing::error!(undelivered, "records undelivered at shutdown; their requests fail");
-            self.publisher.purge();
+            tracing::info!("every accepted event was delivered");
         }
-        server.await??;
         tracing::info!("producer stopped");
         Ok(ShutdownReport { undelivered })
     }

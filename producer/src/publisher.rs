@@ -1,5 +1,7 @@
 //! Publishing one identity-bearing event.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -59,6 +61,12 @@ pub enum PublishError {
     /// The authorization server, its keys, or Kafka could not be reached.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The request body is over the configured limit.
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    /// The request body did not arrive in time.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// The token exchange refused or returned an unusable event token.
     #[error("{0}")]
     TokenExchange(String),
@@ -74,6 +82,23 @@ pub struct Publisher {
     source: String,
     delivery_timeout: Duration,
     message_ids: MessageIds,
+    in_progress: Arc<AtomicUsize>,
+}
+
+/// Counts a publish while it runs.
+struct InProgress(Arc<AtomicUsize>);
+
+impl InProgress {
+    fn enter(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Publisher {
@@ -141,6 +166,7 @@ impl Publisher {
             source: config.source.clone(),
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms),
             message_ids: MessageIds::new(message_id_secret),
+            in_progress: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -175,6 +201,7 @@ impl Publisher {
         user: &VerifiedClaims,
         request: PublishRequest,
     ) -> Result<Published, PublishError> {
+        let _counted = InProgress::enter(&self.in_progress);
         let route = self.routes.get(&request.event_type).ok_or_else(|| {
             PublishError::InvalidRequest(format!("unknown event type {:?}", request.event_type))
         })?;
@@ -191,6 +218,12 @@ impl Publisher {
         let event_token = self.tokens.get(user_token, user, route).await.map_err(|e| match e {
             EventTokenError::Exchange(ExchangeError::Unavailable(why)) => {
                 PublishError::Unavailable(format!("token exchange: {why}"))
+            }
+            EventTokenError::Exchange(ExchangeError::SubjectTokenRefused(why)) => {
+                PublishError::Unauthenticated(VerifyError::Rejected {
+                    reason: Rejection::Expired,
+                    detail: format!("the authorization server refused the token: {why}"),
+                })
             }
             EventTokenError::KeysUnavailable(why) => {
                 PublishError::Unavailable(format!("token exchange: {why}"))
@@ -228,6 +261,12 @@ impl Publisher {
             "event published"
         );
         Ok(Published { id, partition: delivery.partition, offset: delivery.offset })
+    }
+
+    /// Publishes that have started and not yet ended (exchanging, queued
+    /// or awaiting their acknowledgement).
+    pub fn in_progress(&self) -> usize {
+        self.in_progress.load(Ordering::SeqCst)
     }
 
     /// Records handed to Kafka and not yet acknowledged.

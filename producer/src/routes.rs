@@ -82,7 +82,9 @@ impl FromStr for EventRoute {
         let requires = match (fields.remove("requires"), fields.remove("requires_claim")) {
             (Some(scope), None) => Requirement::Scope(scope),
             (None, Some(spec)) => match spec.split_once(':') {
-                Some((claim, values)) if !claim.is_empty() && !values.is_empty() => {
+                Some((claim, values))
+                    if !claim.is_empty() && values.split('|').all(|v| !v.is_empty()) =>
+                {
                     let values = values.split('|').map(str::to_owned).collect();
                     Requirement::Claim { claim: claim.to_owned(), values }
                 }

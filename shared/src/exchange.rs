@@ -16,6 +16,8 @@ use crate::secret::Secret;
 
 /// The grant type of RFC 8693.
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// Largest token response read, in bytes.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// The token type of an OAuth access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -79,6 +81,11 @@ pub enum ExchangeError {
     /// later.
     #[error("token exchange unavailable: {0}")]
     Unavailable(String),
+    /// The server refused the user's token as the subject token (expired
+    /// by its clock, revoked, or its session gone): the user must get a new
+    /// token.
+    #[error("token exchange refused the user's token: {0}")]
+    SubjectTokenRefused(String),
     /// The server answered with an OAuth error (4xx).
     #[error("token exchange refused with HTTP {status}: {error}")]
     Refused {
@@ -161,22 +168,29 @@ impl TokenExchanger {
             .map_err(|e| ExchangeError::Unavailable(without_url(e)))?;
 
         let status = response.status();
-        let body =
-            response.bytes().await.map_err(|e| ExchangeError::Unavailable(without_url(e)))?;
-        if status.is_server_error() {
+        let body = crate::http::read_capped(response, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(ExchangeError::Unavailable)?;
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(ExchangeError::Unavailable(format!("HTTP {status}")));
         }
         if !status.is_success() {
-            let error = serde_json::from_slice::<ErrorResponse>(&body)
-                .ok()
-                .and_then(|e| {
-                    let code = e.error?;
-                    Some(match e.error_description {
-                        Some(description) => format!("{code} ({description})"),
-                        None => code,
-                    })
-                })
-                .unwrap_or_else(|| "no OAuth error in the response".to_owned());
+            let parsed = serde_json::from_slice::<ErrorResponse>(&body).ok();
+            let code = parsed.as_ref().and_then(|e| e.error.clone()).unwrap_or_default();
+            let description = parsed.and_then(|e| e.error_description).unwrap_or_default();
+            let error = match (code.is_empty(), description.is_empty()) {
+                (true, _) => "no OAuth error in the response".to_owned(),
+                (false, true) => code.clone(),
+                (false, false) => format!("{code} ({description})"),
+            };
+            // The server judged the subject token itself: expired, revoked,
+            // or its session ended. The user must sign in again.
+            let subject_token_refused = matches!(code.as_str(), "invalid_grant" | "invalid_token")
+                || (code == "invalid_request"
+                    && description.to_ascii_lowercase().contains("token"));
+            if subject_token_refused {
+                return Err(ExchangeError::SubjectTokenRefused(error));
+            }
             return Err(ExchangeError::Refused { status: status.as_u16(), error });
         }
 

@@ -17,6 +17,19 @@ pub fn client(timeout: Duration) -> reqwest::Client {
         .expect("the TLS backend initialises")
 }
 
+/// Reads a response body of at most `max` bytes; a larger body is an error
+/// before it is all in memory.
+pub async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("read failed: {e}"))? {
+        if body.len() + chunk.len() > max {
+            return Err(format!("response larger than {max} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Checks that `url` may be used to fetch keys or tokens: HTTPS, or plain
 /// HTTP to a loopback address (development only). `allow_plain_http` lifts
 /// the loopback restriction for private networks such as a compose stack;

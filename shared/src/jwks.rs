@@ -219,7 +219,7 @@ impl JwksCache {
     }
 
     async fn fetch(&self) -> Result<(HashMap<String, Arc<PublicKey>>, [u8; 32]), String> {
-        let mut response = self
+        let response = self
             .http
             .get(self.url.clone())
             .header("accept", "application/json")
@@ -230,13 +230,7 @@ impl JwksCache {
             return Err(format!("answered HTTP {}", response.status()));
         }
 
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| format!("read failed: {e}"))? {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err(format!("key set larger than {MAX_JWKS_BYTES} bytes"));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = crate::http::read_capped(response, MAX_JWKS_BYTES).await?;
         let keys = parse_key_set(&body)?;
         Ok((keys, Sha256::digest(&body).into()))
     }

@@ -272,6 +272,29 @@ async fn a_producer_authenticating_with_private_key_jwt_publishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_authorization_server_no_longer_accepts_gets_401() {
+    require_services().await;
+    let topic = fresh_topic(1).await;
+    // The default 30 s leeway accepts a token Keycloak already considers
+    // expired; Keycloak's refusal of the exchange must still read as 401.
+    let producer = start_producer(producer_config(&topic, &[])).await;
+    let short = user_token("event-api-short", "alice", "alice-password").await;
+    let expires = jwt_payload(&short)["exp"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_secs((expires - now_secs() + 2).max(0) as u64)).await;
+
+    let response = post(&producer.events_url(), Some(&short), None, &order("o-8")).await;
+    assert_eq!(response.status(), 401);
+    assert!(
+        response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer error=\"invalid_token\""),
+    );
+    producer.stop().await;
+    assert_eq!(record_count(&topic).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_authorization_headers_are_refused_whatever_their_order() {
     require_services().await;
     let topic = fresh_topic(1).await;

@@ -280,3 +280,127 @@ async fn wait_until_queued(producer: &TestProducer, records: usize) {
     }
     panic!("{records} records were never queued");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_on_a_failing_exchange_share_its_answer() {
+    require_services().await;
+    let issuer = dev_issuer().await;
+    issuer.set_exchange_policy(ExchangePolicy {
+        fail_status: Some(503),
+        ..ExchangePolicy::default()
+    });
+    let topic = fresh_topic(1).await;
+    let producer = start_producer(config_for(&issuer, &topic, &[])).await;
+    let token = user_token(&issuer, "user-1");
+
+    let requests: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, token) = (producer.events_url(), token.clone());
+            tokio::spawn(async move { publish(&url, &token).await.0 })
+        })
+        .collect();
+    assert_eq!(futures_join(requests).await, [503; 6]);
+    assert_eq!(issuer.token_calls(), 3, "one exchange with its two retries, shared by all six");
+
+    // An overloaded server (429) is unavailable too, not a refusal.
+    issuer.set_exchange_policy(ExchangePolicy {
+        fail_status: Some(429),
+        ..ExchangePolicy::default()
+    });
+    let (status, _, headers) =
+        publish(&producer.events_url(), &user_token(&issuer, "user-2")).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "5");
+    producer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_whose_names_could_alias_get_their_own_event_tokens() {
+    require_services().await;
+    let issuer = dev_issuer().await;
+    let topic = fresh_topic(1).await;
+    let producer = start_producer(config_for(
+        &issuer,
+        &topic,
+        &[
+            "--route=type=t.a,requires=orders:write,scope=x|y,audience=z",
+            "--route=type=t.b,requires=orders:write,scope=x,audience=y|z",
+        ],
+    ))
+    .await;
+    let token = user_token(&issuer, "user-1");
+    for event_type in ["t.a", "t.b"] {
+        let response = reqwest::Client::new()
+            .post(producer.events_url())
+            .bearer_auth(&token)
+            .json(&json!({"type": event_type, "key": "k", "data": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    assert_eq!(issuer.token_calls(), 2);
+    producer.stop().await;
+
+    for record in read_all(&topic).await {
+        let authorization = header(&record, "authorization").unwrap();
+        let claims = jwt_payload(authorization.strip_prefix("Bearer ").unwrap());
+        match header(&record, "ce_type").as_deref() {
+            Some("t.a") => assert_eq!(
+                (claims["scope"].as_str(), claims["aud"].as_str()),
+                (Some("x|y"), Some("z"))
+            ),
+            _ => assert_eq!(
+                (claims["scope"].as_str(), claims["aud"].as_str()),
+                (Some("x"), Some("y|z"))
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_by_its_budget_whatever_requests_are_doing() {
+    use tokio::io::AsyncWriteExt as _;
+    require_services().await;
+    let issuer = dev_issuer().await;
+    let config = config_for(
+        &issuer,
+        "unreachable",
+        &[
+            "--kafka-bootstrap=127.0.0.1:1",
+            "--shutdown-timeout-ms=500",
+            "--delivery-timeout-ms=60000",
+        ],
+    );
+    let producer = start_producer(config).await;
+    let token = user_token(&issuer, "user-1");
+
+    // One request waits for a broker that never answers; one client sends
+    // its body a byte per second.
+    let (url, waiting_token) = (producer.events_url(), token.clone());
+    let waiting = tokio::spawn(async move { publish(&url, &waiting_token).await.0 });
+    let mut slow = tokio::net::TcpStream::connect(producer.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"type\""
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if slow.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+    });
+    wait_until_queued(&producer, 1).await;
+
+    let started = std::time::Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(10), producer.stop())
+        .await
+        .expect("shutdown ends within its budget and a grace second");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(report.undelivered, 1);
+    assert_ne!(waiting.await.unwrap_or(0), 202);
+    trickle.abort();
+}
