@@ -38,6 +38,11 @@ wait "$keycloak"
 rm -rf "$run_dir" && mkdir -p "$run_dir"
 export EI_KAFKA_BOOTSTRAP="127.0.0.1:$kafka_port" EI_ISSUER="$issuer" EI_TOPICS="$topic" EI_TOPIC="$topic"
 
+for t in "$topic" "$topic.dead-letter"; do
+	scripts/kafka.sh tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$EI_KAFKA_BOOTSTRAP" \
+		--create --topic "$t" --partitions 1 --replication-factor 1 >/dev/null
+done
+
 say "starting event-consumer and event-producer (logs in $run_dir)"
 EI_AUDIENCE=order-consumer \
 	EI_GROUP=demo-consumer \
@@ -63,16 +68,17 @@ token() {
 		-d "scope=openid orders:write" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])'
 }
 publish() { # USER_TOKEN IDEMPOTENCY_KEY ORDER
-	curl -s -o /dev/stderr -w '  -> HTTP %{http_code}\n' "http://$producer_addr/v1/events" \
+	local answer
+	answer=$(curl -s -w '\n  -> HTTP %{http_code}' "http://$producer_addr/v1/events" \
 		-H "Authorization: Bearer $1" -H "Idempotency-Key: $2" -H 'Content-Type: application/json' \
-		-d "{\"type\":\"com.example.order.created\",\"key\":\"$3\",\"data\":{\"order_id\":\"$3\",\"tenant\":\"acme\",\"total\":42}}" 2>&1
-	echo
+		-d "{\"type\":\"com.example.order.created\",\"key\":\"$3\",\"data\":{\"order_id\":\"$3\",\"tenant\":\"acme\",\"total\":42}}")
+	printf '%s\n' "$answer"
 }
 
 say "alice publishes order-1 (allowed)"
 alice=$(token alice)
 publish "$alice" order-1-attempt order-1
-say "alice retries with the same Idempotency-Key (same message ID, no second effect)"
+say "alice retries with the same Idempotency-Key (published again under the same message ID; the consumer records it once)"
 publish "$alice" order-1-attempt order-1
 say "bob publishes order-2 (not allowed: no orders:write)"
 publish "$(token bob)" order-2-attempt order-2
@@ -86,12 +92,17 @@ say "what the consumer recorded (inbox $run_dir/inbox.db)"
 python3 - "$run_dir/inbox.db" <<'PY'
 import json, sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
+# The realm gives its users fixed IDs, so the demo can name them.
+users = {"11111111-1111-4111-8111-111111111111": "alice", "22222222-2222-4222-8222-222222222222": "bob"}
 rows = db.execute("SELECT message_id, subject, claims, data FROM events").fetchall()
 print(f"{len(rows)} event(s) processed")
 for message_id, subject, claims, data in rows:
     c = json.loads(claims)
-    print(f"  {message_id}  sub={subject}  user={c.get('preferred_username', '-')}  "
+    print(f"  {message_id}  sub={subject} ({users.get(subject, '?')})  "
           f"tenant={c.get('tenant')}  scope={c.get('scope')}  azp={c.get('azp')}  data={data}")
 PY
-say "consumer warnings (rejected messages go to $topic.dead-letter)"
-grep -E "WARN" "$run_dir/consumer.log" | sed -E 's/^.*WARN //' || echo "  none"
+say "the dead-letter topic $topic.dead-letter"
+scripts/kafka.sh tool org.apache.kafka.tools.consumer.ConsoleConsumer \
+	--bootstrap-server "127.0.0.1:$kafka_port" --topic "$topic.dead-letter" --from-beginning \
+	--timeout-ms 8000 --formatter-property print.headers=true 2>/dev/null |
+	grep -o 'dlq_reason:[a-z_]*\|dlq_source_offset:[0-9]*' | paste -sd' ' - || echo "  (empty)"

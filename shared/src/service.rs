@@ -1,12 +1,17 @@
 //! What both binaries do the same way at their edge: logging and signals.
 
+use std::io::IsTerminal as _;
+
 /// Sets up `tracing` to standard error: human-readable text, or one JSON
 /// object per line when `json` is true. `RUST_LOG` overrides the default
 /// `info` level.
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

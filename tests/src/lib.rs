@@ -24,13 +24,22 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 /// Kafka bootstrap address of the test broker.
+/// `EI_TEST_KAFKA`, else `127.0.0.1:$EI_KAFKA_PORT` (the scripts' port
+/// setting), else `127.0.0.1:19092`.
 pub fn kafka_bootstrap() -> String {
-    std::env::var("EI_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+    std::env::var("EI_TEST_KAFKA").unwrap_or_else(|_| {
+        format!("127.0.0.1:{}", std::env::var("EI_KAFKA_PORT").unwrap_or_else(|_| "19092".into()))
+    })
 }
 
 /// Base URL of the test Keycloak.
+/// `EI_TEST_KEYCLOAK`, else `http://127.0.0.1:$EI_KEYCLOAK_PORT`, else
+/// `http://127.0.0.1:18080`.
 pub fn keycloak_url() -> String {
-    std::env::var("EI_TEST_KEYCLOAK").unwrap_or_else(|_| "http://127.0.0.1:18080".into())
+    std::env::var("EI_TEST_KEYCLOAK").unwrap_or_else(|_| {
+        let port = std::env::var("EI_KEYCLOAK_PORT").unwrap_or_else(|_| "18080".into());
+        format!("http://127.0.0.1:{port}")
+    })
 }
 
 /// The realm's issuer identifier.
@@ -63,21 +72,31 @@ pub async fn require_services() {
     init_logs();
     let discovery = format!("{}/.well-known/openid-configuration", issuer());
     let keycloak = reqwest::get(&discovery).await.map(|r| r.status().is_success());
-    assert!(
-        matches!(keycloak, Ok(true)),
-        "Keycloak is not serving the event-identity realm at {discovery} ({keycloak:?}); \
-         start it with `scripts/keycloak.sh start`"
-    );
     let admin = admin();
     let metadata = tokio::task::spawn_blocking(move || {
         admin.inner().fetch_metadata(None, Duration::from_secs(10)).map(|m| m.brokers().len())
     })
     .await
     .unwrap();
+
+    let mut missing = Vec::new();
+    if !matches!(keycloak, Ok(true)) {
+        missing.push(format!(
+            "Keycloak is not serving the event-identity realm at {discovery} ({keycloak:?}); \
+             start it with `scripts/keycloak.sh start`"
+        ));
+    }
+    if !matches!(metadata, Ok(n) if n > 0) {
+        missing.push(format!(
+            "Kafka is not reachable at {} ({metadata:?}); start it with `scripts/kafka.sh start`",
+            kafka_bootstrap()
+        ));
+    }
     assert!(
-        matches!(metadata, Ok(n) if n > 0),
-        "Kafka is not reachable at {} ({metadata:?}); start it with `scripts/kafka.sh start`",
-        kafka_bootstrap()
+        missing.is_empty(),
+        "{}\n(the tests use EI_KAFKA_PORT and EI_KEYCLOAK_PORT as the scripts do, or \
+         EI_TEST_KAFKA and EI_TEST_KEYCLOAK; `scripts/test.sh` starts both services)",
+        missing.join("\n")
     );
 }
 
