@@ -51,6 +51,11 @@ pub struct ConsumerConfig {
     #[arg(long, env = "EI_AUDIENCE")]
     pub audience: String,
 
+    /// Claims every event token must carry besides iss, aud, exp and sub,
+    /// comma-separated (e.g. `jti,tenant`).
+    #[arg(long = "require-claim", env = "EI_REQUIRE_CLAIMS", value_delimiter = ',')]
+    pub require_claims: Vec<String>,
+
     /// A consumable event type and its rules:
     /// `type=T,scope=EVENT_SCOPE[,claim_equals_field=CLAIM:FIELD][,claim_in=CLAIM:V1|V2]`.
     /// Repeat the flag, or separate routes with `;` in the variable.

@@ -86,6 +86,7 @@ impl ConsumerBuilder {
         let mut verifier_config =
             VerifierConfig::new(&config.issuer, endpoints.jwks_uri, &config.audience);
         verifier_config.leeway = Duration::from_secs(config.leeway_s);
+        verifier_config.required_claims = config.require_claims.clone();
         verifier_config.jwks_timing = JwksTiming {
             refresh_interval: Duration::from_secs(config.jwks_refresh_s),
             miss_cooldown: Duration::from_millis(config.jwks_cooldown_ms),

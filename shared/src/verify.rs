@@ -47,6 +47,10 @@ pub struct VerifierConfig {
     pub max_token_bytes: usize,
     /// Key cache timing.
     pub jwks_timing: JwksTiming,
+    /// Claims a token must carry besides `iss`, `aud`, `exp` and `sub`
+    /// (which are always required), e.g. `jti` or `tenant`. A missing one
+    /// is `missing_claim`. Default: none.
+    pub required_claims: Vec<String>,
     /// How many successful verifications are remembered, keyed by a hash
     /// of the whole token, so a token seen again costs a lookup instead of
     /// a signature check. Entries end with the token's `exp` and whenever
@@ -70,6 +74,7 @@ impl VerifierConfig {
             max_token_bytes: 16 * 1024,
             jwks_timing: JwksTiming::default(),
             cache_capacity: 10_000,
+            required_claims: Vec::new(),
         }
     }
 }
@@ -421,6 +426,17 @@ impl Verifier {
             }
             Some(_) => return Err(malformed("sub", "a string")),
         };
+        if let Some(missing) = self
+            .config
+            .required_claims
+            .iter()
+            .find(|name| claims.get(*name).is_none_or(Value::is_null))
+        {
+            return Err(VerifyError::reject(
+                Rejection::MissingClaim,
+                format!("{missing} is missing"),
+            ));
+        }
         let token_id = match claims.get("jti") {
             Some(Value::String(jti)) => Some(jti.clone()),
             Some(_) => return Err(malformed("jti", "a string")),

@@ -553,3 +553,17 @@ async fn the_event_scope_must_be_exactly_the_required_one() {
     );
     assert_eq!(check("").await, Err(Rejection::InsufficientScope));
 }
+
+#[tokio::test]
+async fn configured_claims_are_required() {
+    let issuer = issuer_with_k1().await;
+    let mut config = config(&issuer);
+    config.required_claims = vec!["jti".into(), "tenant".into()];
+    let verifier = verifier(config);
+    let without_tenant = issuer.sign("k1", &claims());
+    assert_eq!(reason(verifier.verify_at(&without_tenant, now()).await), Rejection::MissingClaim);
+    let null_tenant = issuer.sign("k1", &with(claims(), json!({"tenant": null})));
+    assert_eq!(reason(verifier.verify_at(&null_tenant, now()).await), Rejection::MissingClaim);
+    let with_tenant = issuer.sign("k1", &with(claims(), json!({"tenant": "acme"})));
+    assert!(verifier.verify_at(&with_tenant, now()).await.is_ok());
+}
