@@ -7,6 +7,8 @@
 #   scripts/kafka.sh start     fetch jars if needed, wipe the run dir, format storage, start the broker
 #                              and wait until it serves metadata and consumer groups; prints the
 #                              bootstrap address (127.0.0.1:PORT) on stdout. Stops an earlier broker first.
+#   scripts/kafka.sh resume    start again on the previous run's data (as after an outage); a plain
+#                              start when there is none
 #   scripts/kafka.sh stop      stop the broker (TERM, then KILL); exit 0 also when it was not running
 #   scripts/kafka.sh status    exit 0 if the broker is running and answers requests, 1 otherwise
 #   scripts/kafka.sh restart   stop + start
@@ -427,15 +429,20 @@ cmd_start() {
 		port_open "$p" && die "port $HOST:$p is already in use by another process (set EI_KAFKA_PORT / EI_KAFKA_CONTROLLER_PORT)"
 	done
 
-	rm -rf "$RUN_DIR"
-	mkdir -p "$DATA_DIR"
-	write_config
-	write_probe_config
+	if [[ "${1:-}" == resume && -s "$CONFIG_FILE" && -d "$DATA_DIR" ]]; then
+		# Restart on the data of the previous run, as after a broker outage.
+		cluster_id="(resumed)"
+	else
+		rm -rf "$RUN_DIR"
+		mkdir -p "$DATA_DIR"
+		write_config
+		write_probe_config
 
-	cluster_id="$(new_cluster_id)"
-	if ! run_tool kafka.tools.StorageTool format -t "$cluster_id" -c "$CONFIG_FILE" >>"$RUN_DIR/format.log" 2>&1; then
-		sed 's/^/  | /' "$RUN_DIR/format.log" >&2
-		die "StorageTool format failed"
+		cluster_id="$(new_cluster_id)"
+		if ! run_tool kafka.tools.StorageTool format -t "$cluster_id" -c "$CONFIG_FILE" >>"$RUN_DIR/format.log" 2>&1; then
+			sed 's/^/  | /' "$RUN_DIR/format.log" >&2
+			die "StorageTool format failed"
+		fi
 	fi
 
 	# shellcheck disable=SC2206 # word splitting of the option strings is intended
@@ -492,6 +499,7 @@ main() {
 	[[ $# -gt 0 ]] && shift
 	case "$cmd" in
 	start) cmd_start ;;
+	resume) cmd_start resume ;;
 	stop) cmd_stop ;;
 	restart)
 		cmd_stop

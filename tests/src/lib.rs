@@ -163,10 +163,15 @@ pub async fn read_all(topic: &str) -> Vec<OwnedMessage> {
 
 /// How many records `topic` holds.
 pub async fn record_count(topic: &str) -> i64 {
-    let topic = topic.to_owned();
+    record_count_at(&kafka_bootstrap(), topic).await
+}
+
+/// How many records `topic` holds on the broker at `bootstrap`.
+pub async fn record_count_at(bootstrap: &str, topic: &str) -> i64 {
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_bootstrap())
+            .set("bootstrap.servers", &bootstrap)
             .set("group.id", "watermarks")
             .create()
             .expect("client");
@@ -488,4 +493,21 @@ pub async fn dead_letter_reasons(topic: &str) -> Vec<(String, String)> {
         .collect();
     reasons.sort();
     reasons
+}
+
+/// Runs `scripts/NAME` with `args` and `env`, panicking with its output if
+/// it fails.
+pub fn run_script(name: &str, args: &[&str], env: &[(&str, String)]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/").to_owned() + name;
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("the script runs");
+    assert!(
+        output.status.success(),
+        "{name} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
