@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command: starts the real services the tests need
-# (Apache Kafka and Keycloak, in parallel), runs every test of the
+# (Apache Kafka, Keycloak and PostgreSQL), runs every test of the
 # workspace, and stops the services again, whatever the outcome.
 #
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p event-identity`).
@@ -12,6 +12,7 @@ stop_services() {
 	if [ "${EI_KEEP_SERVICES:-0}" != 1 ]; then
 		scripts/kafka.sh stop || true
 		scripts/keycloak.sh stop || true
+		scripts/postgres.sh stop || true
 	fi
 }
 trap stop_services EXIT
@@ -28,6 +29,7 @@ scripts/kafka.sh start >/dev/null &
 kafka=$!
 scripts/keycloak.sh start >/dev/null &
 keycloak=$!
+scripts/postgres.sh start || { echo "test.sh: PostgreSQL did not start" >&2; exit 1; }
 failed=0
 wait "$kafka" || { echo "test.sh: Kafka did not start" >&2; failed=1; }
 wait "$keycloak" || { echo "test.sh: Keycloak did not start" >&2; failed=1; }

@@ -511,3 +511,28 @@ pub fn run_script(name: &str, args: &[&str], env: &[(&str, String)]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The test PostgreSQL server's URL without a database: `EI_TEST_POSTGRES`,
+/// else the one `scripts/postgres.sh` starts.
+pub fn postgres_server() -> String {
+    std::env::var("EI_TEST_POSTGRES").unwrap_or_else(|_| {
+        let port = std::env::var("EI_POSTGRES_PORT").unwrap_or_else(|_| "15432".into());
+        format!("postgres://events@127.0.0.1:{port}")
+    })
+}
+
+/// A new, empty database on the test PostgreSQL server; its URL. Panics
+/// with a clear message when the server is not there.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Connection as _;
+    let admin_url = format!("{}/postgres", postgres_server());
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL is not reachable at {admin_url} ({e}); start it with `scripts/postgres.sh start`")
+    });
+    let name = format!("inbox_{}", uuid::Uuid::new_v4().simple());
+    // The name is ours (a UUID), not input: safe to put in the statement.
+    let create = sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"));
+    sqlx::query(create).execute(&mut admin).await.unwrap();
+    admin.close().await.unwrap();
+    format!("{}/{name}", postgres_server())
+}
