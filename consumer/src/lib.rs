@@ -177,15 +177,10 @@ pub async fn run(
 
 /// A database URL without its password, for messages.
 fn redact_url(url: &str) -> String {
-    match reqwest_free_redact(url) {
-        Some(redacted) => redacted,
-        None => url.to_owned(),
-    }
-}
-
-fn reqwest_free_redact(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let (userinfo, host) = rest.split_once('@')?;
-    let user = userinfo.split(':').next().unwrap_or_default();
-    Some(format!("{scheme}://{user}:***@{host}"))
+    let redacted = url.split_once("://").and_then(|(scheme, rest)| {
+        let (userinfo, host) = rest.split_once('@')?;
+        let user = userinfo.split(':').next().unwrap_or_default();
+        Some(format!("{scheme}://{user}:***@{host}"))
+    });
+    redacted.unwrap_or_else(|| url.to_owned())
 }

@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use url_check::is_loopback_host;
-
 /// Builds the one HTTP client a service uses for discovery, JWKS and token
 /// requests: bounded connect and request times, and no redirects, so a
 /// compromised or misconfigured endpoint cannot bounce key or token
@@ -44,13 +42,11 @@ pub fn check_url(url: &str, allow_plain_http: bool) -> Result<reqwest::Url, Stri
     }
 }
 
-mod url_check {
-    /// True for `localhost` and loopback IP literals.
-    pub fn is_loopback_host(host: &str) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host.eq_ignore_ascii_case("localhost")
-            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-    }
+/// True for `localhost` and loopback IP literals.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
