@@ -281,6 +281,8 @@ share.coordinator.state.topic.min.isr=1
 share.coordinator.state.topic.num.partitions=1
 
 group.initial.rebalance.delay.ms=0
+# Tests kill consumers and wait for the group to notice: allow short sessions.
+group.min.session.timeout.ms=1000
 
 # Small footprint: few threads, a small log-cleaner buffer (the default takes 128 MiB of heap).
 num.network.threads=2

@@ -21,7 +21,9 @@ trap stop_services EXIT
 export EI_TEST_KAFKA="127.0.0.1:${EI_KAFKA_PORT:-19092}"
 export EI_TEST_KEYCLOAK="http://127.0.0.1:${EI_KEYCLOAK_PORT:-18080}"
 
-# Build first, so the services do not idle through the compile.
+# Build first, so the services do not idle through the compile. The
+# process tests run the service binaries themselves, so build those too.
+cargo build --workspace --locked --bins
 cargo test --workspace --locked --no-run "$@"
 
 start=$(date +%s)

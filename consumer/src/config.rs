@@ -72,36 +72,73 @@ pub struct ConsumerConfig {
     pub database_url: String,
 
     /// Clock skew tolerated when checking token times, in seconds.
-    #[arg(long, env = "EI_LEEWAY_S", default_value_t = 30)]
+    #[arg(long, env = "EI_LEEWAY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
     pub leeway_s: u64,
 
     /// Least time between two fetches of the issuer's keys caused by an
     /// unknown `kid` or a failed fetch, in milliseconds. Within it, a token
     /// under an unknown `kid` is rejected as `unknown_key`, so publish new
     /// signing keys at least this long before signing with them.
-    #[arg(long, env = "EI_JWKS_COOLDOWN_MS", default_value_t = 30_000)]
+    #[arg(long, env = "EI_JWKS_COOLDOWN_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=3600000))]
     pub jwks_cooldown_ms: u64,
 
     /// How long the issuer's keys are used before they are fetched again,
     /// in seconds.
-    #[arg(long, env = "EI_JWKS_REFRESH_S", default_value_t = 3600)]
+    #[arg(long, env = "EI_JWKS_REFRESH_S", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=604800))]
     pub jwks_refresh_s: u64,
 
     /// Timeout of each request to the authorization server, in milliseconds.
-    #[arg(long, env = "EI_HTTP_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, env = "EI_HTTP_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=120000))]
     pub http_timeout_ms: u64,
 
     /// Longest wait between retries of a transient failure, in milliseconds.
-    #[arg(long, env = "EI_MAX_RETRY_BACKOFF_MS", default_value_t = 30_000)]
+    #[arg(long, env = "EI_MAX_RETRY_BACKOFF_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..=3600000))]
     pub max_retry_backoff_ms: u64,
 
     /// Kafka consumer session timeout, in milliseconds.
-    #[arg(long, env = "EI_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "EI_SESSION_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1000..=3600000))]
     pub session_timeout_ms: u64,
 
     /// Where a new group starts reading: `earliest` or `latest`.
     #[arg(long, env = "EI_AUTO_OFFSET_RESET", default_value = "earliest", value_parser = ["earliest", "latest"])]
     pub auto_offset_reset: String,
+
+    /// Most messages of one partition settled in one inbox transaction.
+    #[arg(long, env = "EI_BATCH_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_size: u64,
+
+    /// Messages read ahead and waiting for one partition's worker before
+    /// that partition is paused (resumed when half have settled).
+    #[arg(long, env = "EI_MAX_QUEUED_PER_PARTITION", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_queued_per_partition: u64,
+
+    /// How long in-flight messages may take to finish after SIGINT or
+    /// SIGTERM before they are abandoned (and read again after a restart),
+    /// in milliseconds.
+    #[arg(long, env = "EI_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub shutdown_timeout_ms: u64,
+
+    /// How long inbox markers are kept, in seconds; 0 keeps them forever.
+    /// A message re-delivered or replayed after its marker is purged runs
+    /// its effect again: keep markers longer than any message can wait in
+    /// the topic or be replayed.
+    #[arg(long, env = "EI_INBOX_RETENTION_S", default_value_t = 604_800)]
+    pub inbox_retention_s: u64,
+
+    /// How often expired inbox markers are purged, in seconds.
+    #[arg(long, env = "EI_INBOX_PURGE_INTERVAL_S", default_value_t = 3_600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub inbox_purge_interval_s: u64,
+
+    /// Forward each verified event and its identity as JSON to this URL
+    /// instead of recording it in the `events` table (for services not
+    /// written in Rust). The endpoint must treat a repeated
+    /// `Idempotency-Key` as done.
+    #[arg(long, env = "EI_FORWARD_URL")]
+    pub forward_url: Option<String>,
+
+    /// Timeout of each forwarding request, in milliseconds.
+    #[arg(long, env = "EI_FORWARD_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub forward_timeout_ms: u64,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "EI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -112,5 +149,15 @@ impl ConsumerConfig {
     /// Longest retry backoff.
     pub fn max_retry_backoff(&self) -> Duration {
         Duration::from_millis(self.max_retry_backoff_ms)
+    }
+
+    /// How long in-flight messages may take after a stop.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    /// How long inbox markers are kept; `None` keeps them forever.
+    pub fn inbox_retention(&self) -> Option<Duration> {
+        (self.inbox_retention_s > 0).then(|| Duration::from_secs(self.inbox_retention_s))
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use event_identity::Rejection;
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, Message as _, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -62,7 +62,7 @@ impl DeadLetters {
     /// acknowledged it.
     pub async fn send(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &OwnedMessage,
         reason: Rejection,
         detail: &str,
     ) -> Result<(), KafkaError> {

@@ -1,13 +1,14 @@
 //! The inbox: exactly one effect per message ID.
 //!
-//! Processing a message opens one database transaction, inserts the
-//! message ID into `inbox` if it is absent (an atomic insert on the primary
-//! key, which is the pair of the verified subject and the message ID, so a
-//! record under someone else's identity can never suppress a user's event), runs the handler inside the same transaction, and commits. A
-//! message ID already present means the effect is already durable: the
-//! transaction is rolled back and the message acknowledged. A handler that
-//! fails rolls the transaction back, marker included, so a retry can
-//! succeed.
+//! Processing opens one database transaction, inserts each message's
+//! marker into `inbox` if it is absent (an atomic insert on the primary
+//! key, the pair of the verified subject and the message ID, so a record
+//! under someone else's identity can never suppress a user's event), runs
+//! the handler for the new ones inside the same transaction, and commits.
+//! A marker already present means the effect is already durable: the
+//! message is acknowledged without the handler. A handler that fails rolls
+//! the transaction back, markers included, so a retry can succeed.
+//! Markers older than the configured retention are purged.
 //!
 //! SQLite (one file, zero setup) is the embedded default; PostgreSQL serves
 //! several replicas of one group. Both go through `sqlx`'s `Any` driver so
@@ -21,8 +22,9 @@ use event_identity::VerifiedClaims;
 use serde_json::Value;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Executor as _};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use time::format_description::FormatItem;
+use time::macros::format_description;
+use time::{OffsetDateTime, UtcOffset};
 use uuid::Uuid;
 
 /// A verified, authorized event, as handed to a handler.
@@ -73,6 +75,14 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError
 pub trait Handler: Send + Sync {
     /// Applies `event`'s effect.
     fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a>;
+
+    /// Whether several events may share one transaction (the default).
+    /// A handler with effects outside the database should say no: when one
+    /// event of a shared transaction is refused, the others are rolled back
+    /// and run again one at a time.
+    fn batched(&self) -> bool {
+        true
+    }
 }
 
 /// What became of one message.
@@ -161,27 +171,59 @@ impl Inbox {
         event: &Event,
         handler: &dyn Handler,
     ) -> Result<InboxOutcome, HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO inbox (message_id, event_type, subject, processed_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (subject, message_id) DO NOTHING",
-        )
-        .bind(event.id.to_string())
-        .bind(&event.event_type)
-        .bind(&event.claims.subject)
-        .bind(now_rfc3339())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(InboxOutcome::Duplicate);
-        }
+        let mut outcomes = self.process_batch(&[event], handler).await?;
+        Ok(outcomes.pop().unwrap_or(InboxOutcome::Duplicate))
+    }
 
-        // On error the transaction is dropped, which rolls it back.
-        handler.handle(event, &mut tx).await?;
+    /// Runs `handler` for each of `events` whose message ID was not
+    /// processed before, all in one transaction: every marker and effect
+    /// commits, or none does. A message ID repeated within `events` runs
+    /// once.
+    pub async fn process_batch(
+        &self,
+        events: &[&Event],
+        handler: &dyn Handler,
+    ) -> Result<Vec<InboxOutcome>, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        let processed_at = now_text();
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            let inserted = sqlx::query(
+                "INSERT INTO inbox (subject, message_id, event_type, processed_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (subject, message_id) DO NOTHING",
+            )
+            .bind(&event.claims.subject)
+            .bind(event.id.to_string())
+            .bind(&event.event_type)
+            .bind(&processed_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                outcomes.push(InboxOutcome::Duplicate);
+                continue;
+            }
+
+            // On error the transaction is dropped, which rolls it back.
+            handler.handle(event, &mut tx).await?;
+            outcomes.push(InboxOutcome::Processed);
+        }
         tx.commit().await?;
-        Ok(InboxOutcome::Processed)
+        Ok(outcomes)
+    }
+
+    /// Deletes markers older than `retention`; returns how many. A message
+    /// re-delivered or replayed after its marker is gone runs again, so
+    /// keep markers longer than any message can wait or be replayed.
+    pub async fn purge(&self, retention: Duration) -> Result<u64, sqlx::Error> {
+        let cutoff = OffsetDateTime::now_utc() - retention;
+        let deleted = sqlx::query("DELETE FROM inbox WHERE processed_at < $1")
+            .bind(format_time(cutoff))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted)
     }
 }
 
@@ -209,7 +251,7 @@ impl Handler for RecordEvents {
             .bind(&event.topic)
             .bind(event.partition)
             .bind(event.offset)
-            .bind(now_rfc3339())
+            .bind(now_text())
             .execute(&mut *tx)
             .await?;
             Ok(())
@@ -217,6 +259,120 @@ impl Handler for RecordEvents {
     }
 }
 
-fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+/// Times are stored as fixed-width UTC text (microseconds), so that text
+/// order is time order in both databases.
+const TIME_FORMAT: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+fn format_time(time: OffsetDateTime) -> String {
+    time.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_default()
+}
+
+fn now_text() -> String {
+    format_time(OffsetDateTime::now_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(subject: &str, n: u128) -> Event {
+        Event {
+            id: Uuid::from_u128(n),
+            event_type: "com.example.order.created".to_owned(),
+            source: "urn:test".to_owned(),
+            time: None,
+            data: json!({"n": n as u64}),
+            claims: VerifiedClaims {
+                subject: subject.to_owned(),
+                issuer: "https://issuer.test".to_owned(),
+                audience: vec!["order-consumer".to_owned()],
+                scopes: vec!["events:order.created".to_owned()],
+                expires_at: 0,
+                issued_at: None,
+                token_id: None,
+                key_id: "k1".to_owned(),
+                claims: serde_json::Map::new(),
+            },
+            topic: "t".to_owned(),
+            partition: 0,
+            offset: n as i64,
+        }
+    }
+
+    async fn inbox() -> (Inbox, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
+        (Inbox::connect(&url).await.unwrap(), dir)
+    }
+
+    async fn count(inbox: &Inbox, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(inbox.pool()).await.unwrap()
+    }
+
+    /// Refuses the event with a given message ID.
+    struct Refuse(Uuid);
+
+    impl Handler for Refuse {
+        fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a> {
+            Box::pin(async move {
+                if event.id == self.0 {
+                    return Err(HandlerError::Permanent("refused".to_owned()));
+                }
+                RecordEvents.handle(event, tx).await
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_runs_each_message_id_once_per_subject() {
+        let (inbox, _dir) = inbox().await;
+        let (a, b, again, other) = (event("u1", 1), event("u1", 2), event("u1", 1), event("u2", 1));
+        let outcomes = inbox.process_batch(&[&a, &b, &again, &other], &RecordEvents).await.unwrap();
+        use InboxOutcome::*;
+        assert_eq!(outcomes, [Processed, Processed, Duplicate, Processed]);
+
+        let outcomes = inbox.process_batch(&[&b, &a], &RecordEvents).await.unwrap();
+        assert_eq!(outcomes, [Duplicate, Duplicate]);
+        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_rolls_back_the_whole_batch_markers_included() {
+        let (inbox, _dir) = inbox().await;
+        let (a, b) = (event("u1", 1), event("u1", 2));
+        let error = inbox.process_batch(&[&a, &b], &Refuse(b.id)).await.unwrap_err();
+        assert_eq!(error, HandlerError::Permanent("refused".to_owned()));
+        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (0, 0));
+
+        assert_eq!(inbox.process(&a, &Refuse(b.id)).await.unwrap(), InboxOutcome::Processed);
+        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_only_markers_older_than_the_retention() {
+        let (inbox, _dir) = inbox().await;
+        inbox.process(&event("u1", 1), &RecordEvents).await.unwrap();
+        let old = format_time(OffsetDateTime::now_utc() - Duration::from_secs(7200));
+        sqlx::query("UPDATE inbox SET processed_at = $1")
+            .bind(old)
+            .execute(inbox.pool())
+            .await
+            .unwrap();
+        inbox.process(&event("u1", 2), &RecordEvents).await.unwrap();
+
+        assert_eq!(inbox.purge(Duration::from_secs(3600)).await.unwrap(), 1);
+        assert_eq!(count(&inbox, "inbox").await, 1);
+        assert_eq!(inbox.purge(Duration::from_secs(3600)).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn stored_times_sort_as_text_in_time_order() {
+        let t = OffsetDateTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_100);
+        let later = t + Duration::from_millis(20);
+        assert_eq!(format_time(t), "2023-11-14T22:13:20.100000Z");
+        assert!(format_time(t) < format_time(later));
+    }
 }

@@ -5,17 +5,23 @@
 //! exactly the event type's scope, runs the claims policies, and applies the
 //! handler's effect once per message ID through the [`inbox`]. Permanent
 //! failures go to the [`dead_letter`] topic with their reason; transient
-//! ones are retried in place. An offset is marked for commit only after its
-//! message is settled, so a crash re-reads, and the inbox absorbs the
-//! repeat.
+//! ones are retried in place. Each partition has its own worker, so
+//! partitions run in parallel and each in order. The committed offset of a
+//! partition is the contiguous watermark of settled messages, so a crash
+//! re-reads, and the inbox absorbs the repeat; a revoked partition's late
+//! results are never committed.
 //!
 //! Build one with [`ConsumerBuilder`], or run the `event-consumer` binary.
 
 pub mod config;
 pub mod dead_letter;
+pub mod forward;
 pub mod inbox;
+mod partitions;
 pub mod routes;
 mod runtime;
+mod stats;
+mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,33 +32,37 @@ use event_identity::discovery::resolve;
 use event_identity::jwks::JwksTiming;
 use event_identity::{Verifier, VerifierConfig};
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::Consumer as _;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsumerConfig;
+pub use forward::ForwardEvents;
 pub use inbox::{Event, Handler, HandlerError, HandlerFuture, Inbox, RecordEvents};
 pub use routes::{ClaimsPolicy, Route, Routes};
-pub use runtime::Stats;
+pub use stats::Stats;
 
 use crate::dead_letter::DeadLetters;
-use crate::runtime::Pipeline;
+use crate::partitions::{Assignments, GroupContext};
+use crate::runtime::{GroupConsumer, Runtime};
+use crate::worker::Shared;
 
 /// Assembles a consumer from its configuration, with optional code hooks.
 pub struct ConsumerBuilder {
     config: ConsumerConfig,
-    handler: Arc<dyn Handler>,
+    handler: Option<Arc<dyn Handler>>,
     policies: Vec<(String, Arc<dyn ClaimsPolicy>)>,
 }
 
 impl ConsumerBuilder {
-    /// A builder with the default handler ([`RecordEvents`]).
+    /// A builder with the handler the configuration names: [`ForwardEvents`]
+    /// when `--forward-url` is set, else [`RecordEvents`].
     pub fn new(config: ConsumerConfig) -> Self {
-        Self { config, handler: Arc::new(RecordEvents), policies: Vec::new() }
+        Self { config, handler: None, policies: Vec::new() }
     }
 
     /// Replaces the handler.
     pub fn handler(mut self, handler: Arc<dyn Handler>) -> Self {
-        self.handler = handler;
+        self.handler = Some(handler);
         self
     }
 
@@ -66,6 +76,16 @@ impl ConsumerBuilder {
     /// and subscribes. Errors name the setting at fault.
     pub async fn build(self) -> anyhow::Result<EventConsumer> {
         let config = self.config;
+        let handler: Arc<dyn Handler> = match (self.handler, &config.forward_url) {
+            (Some(handler), _) => handler,
+            (None, Some(url)) => {
+                let timeout = Duration::from_millis(config.forward_timeout_ms);
+                let forward = ForwardEvents::new(url, timeout, config.allow_plain_http)
+                    .map_err(|e| anyhow::anyhow!("--forward-url: {e}"))?;
+                Arc::new(forward)
+            }
+            (None, None) => Arc::new(RecordEvents),
+        };
         let mut routes =
             Routes::from_specs(&config.routes).map_err(|e| anyhow::anyhow!("--route: {e}"))?;
         for (event_type, policy) in self.policies {
@@ -107,7 +127,9 @@ impl ConsumerBuilder {
             DeadLetters::new(&config.kafka_bootstrap, &config.dead_letter_topic, &config.group)
                 .context("--kafka-bootstrap: cannot create the dead-letter producer")?;
 
-        let consumer: StreamConsumer = ClientConfig::new()
+        let assignments = Arc::new(Assignments::default());
+        let context = GroupContext { assignments: assignments.clone() };
+        let consumer: GroupConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.kafka_bootstrap)
             .set("group.id", &config.group)
             .set("enable.auto.commit", "true")
@@ -116,46 +138,83 @@ impl ConsumerBuilder {
             .set("auto.offset.reset", &config.auto_offset_reset)
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set("enable.partition.eof", "false")
-            .create()
+            .create_with_context(context)
             .context("--kafka-bootstrap: cannot create the Kafka consumer")?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("--topic: cannot subscribe")?;
 
-        let pipeline = Pipeline {
+        let shared = Shared {
             verifier,
             routes,
             inbox,
-            handler: self.handler,
+            handler,
             dead_letters,
             max_backoff: config.max_retry_backoff(),
+            batch_size: config.batch_size as usize,
             stats: Arc::new(Stats::default()),
         };
-        Ok(EventConsumer { consumer, pipeline })
+        let runtime = Runtime {
+            shared: Arc::new(shared),
+            assignments,
+            max_queued: config.max_queued_per_partition as usize,
+            shutdown_timeout: config.shutdown_timeout(),
+        };
+        let purge = config
+            .inbox_retention()
+            .map(|retention| (retention, Duration::from_secs(config.inbox_purge_interval_s)));
+        Ok(EventConsumer { consumer, runtime, purge })
     }
 }
 
 /// A built consumer, subscribed and ready to run.
 pub struct EventConsumer {
-    consumer: StreamConsumer,
-    pipeline: Pipeline,
+    consumer: GroupConsumer,
+    runtime: Runtime,
+    /// Inbox retention and purge interval, unless markers are kept forever.
+    purge: Option<(Duration, Duration)>,
 }
 
 impl EventConsumer {
     /// Counters of what this consumer did.
     pub fn stats(&self) -> Arc<Stats> {
-        self.pipeline.stats.clone()
+        self.runtime.shared.stats.clone()
     }
 
     /// The inbox, for tests and tools.
     pub fn inbox(&self) -> &Inbox {
-        &self.pipeline.inbox
+        &self.runtime.shared.inbox
     }
 
-    /// Consumes until `stop` is cancelled, then commits settled offsets.
+    /// Consumes until `stop` is cancelled, then lets in-flight messages
+    /// finish within the shutdown deadline and commits settled offsets.
     pub async fn run(self, stop: CancellationToken) {
-        tracing::info!(dead_letter_topic = self.pipeline.dead_letters.topic(), "consumer running");
-        self.pipeline.run(&self.consumer, &stop).await;
+        let dead_letter_topic = self.runtime.shared.dead_letters.topic();
+        tracing::info!(dead_letter_topic, "consumer running");
+        let purging = self.purge.map(|(retention, every)| {
+            let inbox = self.runtime.shared.inbox.clone();
+            tokio::spawn(purge_inbox(inbox, retention, every, stop.clone()))
+        });
+        self.runtime.run(&self.consumer, &stop).await;
+        if let Some(purging) = purging {
+            purging.abort();
+        }
         tracing::info!("consumer stopped");
+    }
+}
+
+/// Deletes expired inbox markers every `every` until `stop`.
+async fn purge_inbox(inbox: Inbox, retention: Duration, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match inbox.purge(retention).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "expired inbox markers purged"),
+            Err(error) => tracing::warn!(%error, "purging inbox markers failed"),
+        }
     }
 }
 

@@ -1,99 +1,75 @@
-//! The consume loop: read, check, process once, dead-letter or retry, and
-//! mark the offset done only when the message is settled.
+//! The consume loop: reads records, hands each to its partition's worker,
+//! stores settled watermarks for commit, pauses partitions whose queue is
+//! full, and on stop drains the workers before a deadline and commits.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use event_identity::contract::{parse_data, parse_headers};
-use event_identity::{Rejection, Verifier, VerifyError};
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers as _};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::DeadLetters;
-use crate::inbox::{Event, Handler, HandlerError, Inbox, InboxOutcome};
-use crate::routes::Routes;
+use crate::partitions::{Assignments, GroupContext, Slot};
+use crate::stats::Stats;
+use crate::worker::{self, Shared};
 
-/// Counts of what the consumer did, since it started.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Messages whose effect ran and committed.
-    pub processed: AtomicU64,
-    /// Messages acknowledged as already processed.
-    pub duplicates: AtomicU64,
-    /// Messages written to the dead-letter topic.
-    pub dead_lettered: AtomicU64,
-    /// Retries after transient failures.
-    pub retries: AtomicU64,
-    rejected: Mutex<HashMap<&'static str, u64>>,
+/// How often settled watermarks are stored and paused partitions checked.
+const STORE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The Kafka consumer this runtime drives.
+pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// The consume loop and what it shares with the workers.
+pub(crate) struct Runtime {
+    pub shared: Arc<Shared>,
+    pub assignments: Arc<Assignments>,
+    /// A partition is paused when this many messages wait for its worker,
+    /// and resumed when half have settled.
+    pub max_queued: usize,
+    /// How long in-flight messages may take to finish after a stop.
+    pub shutdown_timeout: Duration,
 }
 
-impl Stats {
-    /// Rejections by reason code.
-    pub fn rejected(&self) -> HashMap<&'static str, u64> {
-        self.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn reject(&self, reason: Rejection) {
-        *self
-            .rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason.code())
-            .or_default() += 1;
-    }
-}
-
-/// How one message was settled, or why it was not.
-enum Settle {
-    Done(InboxOutcome),
-    Reject(Rejection, String),
-    Retry(String),
-}
-
-/// Everything the loop needs besides the Kafka consumer.
-pub(crate) struct Pipeline {
-    pub verifier: Verifier,
-    pub routes: Routes,
-    pub inbox: Inbox,
-    pub handler: Arc<dyn Handler>,
-    pub dead_letters: DeadLetters,
-    pub max_backoff: Duration,
-    pub stats: Arc<Stats>,
-}
-
-impl Pipeline {
-    /// Reads and settles messages until `stop` is cancelled, then commits
-    /// the offsets of settled messages.
-    pub async fn run(&self, consumer: &StreamConsumer, stop: &CancellationToken) {
+impl Runtime {
+    /// Consumes until `stop` is cancelled, then lets in-flight batches
+    /// finish within the shutdown deadline and commits the watermarks.
+    pub async fn run(&self, consumer: &GroupConsumer, stop: &CancellationToken) {
+        let mut workers = JoinSet::new();
+        let mut tick = tokio::time::interval(STORE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let message = tokio::select! {
+            tokio::select! {
+                biased;
                 _ = stop.cancelled() => break,
-                message = consumer.recv() => message,
-            };
-            let message = match message {
-                Ok(message) => message,
-                Err(error) => {
-                    tracing::warn!(%error, "Kafka consume error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            if !self.settle_with_retries(&message, stop).await {
-                break;
-            }
-            // Only now is the message done: its effect is durable, or it is
-            // safely in the dead-letter topic.
-            if let Err(error) = consumer.store_offset_from_message(&message) {
-                tracing::warn!(%error, "storing the offset failed");
+                _ = tick.tick() => self.store_watermarks(consumer),
+                Some(_) = workers.join_next(), if !workers.is_empty() => {}
+                message = consumer.recv() => match message {
+                    Ok(message) => self.dispatch(consumer, &message, &mut workers, stop),
+                    Err(error) => {
+                        tracing::warn!(%error, "Kafka consume error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
             }
         }
 
+        // Workers finish the batch they are on; past the deadline they are
+        // abandoned, and their messages are read again after a restart.
+        let drain = async { while workers.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.shutdown_timeout, drain).await.is_err() {
+            tracing::warn!(
+                timeout_ms = self.shutdown_timeout.as_millis() as u64,
+                "shutdown deadline passed; abandoning in-flight messages"
+            );
+            workers.shutdown().await;
+        }
+        self.store_watermarks(consumer);
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => tracing::info!("final offsets committed"),
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -101,128 +77,67 @@ impl Pipeline {
         }
     }
 
-    /// Settles `message`, retrying transient failures with capped backoff.
-    /// Returns false if `stop` came first (the message stays unsettled and
-    /// will be read again).
-    async fn settle_with_retries(
+    /// Hands `message` to its partition's worker, starting one if needed.
+    fn dispatch(
         &self,
+        consumer: &GroupConsumer,
         message: &BorrowedMessage<'_>,
+        workers: &mut JoinSet<()>,
         stop: &CancellationToken,
-    ) -> bool {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let why = match self.settle(message).await {
-                Settle::Done(InboxOutcome::Processed) => {
-                    self.stats.processed.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-                Settle::Done(InboxOutcome::Duplicate) => {
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        "duplicate acknowledged"
-                    );
-                    return true;
-                }
-                Settle::Reject(reason, detail) => {
-                    tracing::warn!(
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        reason = reason.code(),
-                        %detail,
-                        "message rejected"
-                    );
-                    self.stats.reject(reason);
-                    match self.dead_letters.send(message, reason, &detail).await {
-                        Ok(()) => {
-                            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                            return true;
-                        }
-                        Err(error) => format!("dead-letter write failed: {error}"),
-                    }
-                }
-                Settle::Retry(why) => why,
-            };
-
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                partition = message.partition(),
-                offset = message.offset(),
-                backoff_ms = backoff.as_millis() as u64,
-                reason = %why,
-                "transient failure; retrying"
-            );
-            tokio::select! {
-                _ = stop.cancelled() => return false,
-                _ = tokio::time::sleep(backoff) => {}
+    ) {
+        Stats::add(&self.shared.stats.consumed, 1);
+        let (topic, partition) = (message.topic(), message.partition());
+        let mut slots = self.assignments.lock();
+        let index = match slots.iter().position(|s| s.partition == partition && s.topic == topic) {
+            Some(index) => index,
+            None => {
+                let (sender, queue) = mpsc::unbounded_channel();
+                let halt = stop.child_token();
+                let (slot, progress) = Slot::new(topic, partition, sender, halt.clone());
+                workers.spawn(worker::run(self.shared.clone(), queue, progress, halt));
+                slots.push(slot);
+                slots.len() - 1
             }
-            backoff = (backoff * 2).min(self.max_backoff);
+        };
+
+        let slot = &mut slots[index];
+        if slot.sender.send(message.detach()).is_err() {
+            // The worker stopped: the partition is being revoked or the
+            // consumer stopping; the record is read again by its next owner.
+            return;
+        }
+        if slot.enqueued(self.max_queued) {
+            let mut paused = TopicPartitionList::new();
+            paused.add_partition(topic, partition);
+            if let Err(error) = consumer.pause(&paused) {
+                tracing::warn!(%error, topic, partition, "pausing a full partition failed");
+            }
         }
     }
 
-    async fn settle(&self, message: &BorrowedMessage<'_>) -> Settle {
-        let data = match parse_data(message.payload()) {
-            Ok(data) => data,
-            Err(e) => return Settle::Reject(e.reason, e.detail),
-        };
-        let pairs: Vec<(&str, Option<&[u8]>)> = message
-            .headers()
-            .map(|headers| headers.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        let headers = match parse_headers(pairs) {
-            Ok(headers) => headers,
-            Err(e) => return Settle::Reject(e.reason, e.detail),
-        };
-        let Some(route) = self.routes.get(&headers.event_type) else {
-            return Settle::Reject(
-                Rejection::MalformedPayload,
-                format!("no route for event type {:?}", headers.event_type),
-            );
-        };
-
-        let claims = match self.verifier.verify(headers.token.expose()).await {
-            Ok(claims) => claims,
-            Err(VerifyError::Rejected { reason, detail }) => return Settle::Reject(reason, detail),
-            Err(VerifyError::Unavailable(why)) => return Settle::Retry(why),
-        };
-        if let Err(VerifyError::Rejected { reason, detail }) =
-            claims.check_exact_scope(&route.scope)
+    /// Stores watermarks that moved (librdkafka commits them in the
+    /// background and on revocation) and resumes drained partitions.
+    fn store_watermarks(&self, consumer: &GroupConsumer) {
+        let (moved, resume) = self.assignments.poll(self.max_queued / 2);
+        if moved.count() > 0 {
+            if let Err(error) = consumer.store_offsets(&moved) {
+                tracing::debug!(%error, "storing offsets failed");
+            }
+            for element in moved.elements() {
+                if let Offset::Offset(offset) = element.offset() {
+                    tracing::trace!(
+                        topic = element.topic(),
+                        partition = element.partition(),
+                        offset,
+                        "watermark stored"
+                    );
+                }
+            }
+        }
+        if resume.count() > 0
+            && let Err(error) = consumer.resume(&resume)
         {
-            return Settle::Reject(reason, detail);
-        }
-        if let Err(detail) = route.authorize(&claims, &data) {
-            return Settle::Reject(Rejection::Forbidden, detail);
-        }
-
-        let event = Event {
-            id: headers.id,
-            event_type: headers.event_type,
-            source: headers.source,
-            time: headers.time,
-            data,
-            claims,
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
-        match self.inbox.process(&event, self.handler.as_ref()).await {
-            Ok(outcome) => {
-                tracing::debug!(
-                    event_id = %event.id,
-                    partition = event.partition,
-                    offset = event.offset,
-                    jti = event.claims.token_id.as_deref().unwrap_or("-"),
-                    ?outcome,
-                    "message settled"
-                );
-                Settle::Done(outcome)
-            }
-            Err(HandlerError::Permanent(detail)) => {
-                Settle::Reject(Rejection::HandlerRejected, detail)
-            }
-            Err(HandlerError::Transient(why)) => Settle::Retry(why),
+            tracing::warn!(%error, "resuming partitions failed");
         }
     }
 }

@@ -103,7 +103,8 @@ pub struct IncomingHeaders {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}: {detail}")]
 pub struct ContractError {
-    /// `missing_token` or `malformed_payload`.
+    /// `missing_token`, `malformed_token` (an `authorization` header that
+    /// is not a Bearer token) or `malformed_payload`.
     pub reason: Rejection,
     /// What is wrong, without header values.
     pub detail: String,

@@ -7,6 +7,8 @@
 //! README's test command does both). When a service is missing the tests
 //! fail with a message saying which; they never skip.
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

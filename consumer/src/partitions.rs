@@ -1,0 +1,188 @@
+//! The partitions this consumer holds, how far each is settled, and the
+//! rebalance hook that cuts a revoked partition off from the commit path.
+//!
+//! Each assigned partition has a worker task and a [`Progress`]: the next
+//! offset to read (one past the last message of the last settled batch,
+//! so always the contiguous watermark of finished work) and how many
+//! messages wait in the worker's queue. The consume loop stores each
+//! watermark for commit; when a partition is revoked, its watermark is
+//! committed at once and its slot removed, so whatever the old worker
+//! finishes later is never committed by this consumer. The new owner reads
+//! from the committed watermark and the inbox absorbs any repeat.
+
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How far one partition's worker got.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// One past the last settled offset; -1 until a message settles.
+    next_offset: AtomicI64,
+    /// Messages handed to the worker and not settled yet.
+    queued: AtomicUsize,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self { next_offset: AtomicI64::new(-1), queued: AtomicUsize::new(0) }
+    }
+}
+
+impl Progress {
+    /// Records that every message before `next_offset` is settled.
+    pub fn settled(&self, next_offset: i64, messages: usize) {
+        self.next_offset.fetch_max(next_offset, Ordering::AcqRel);
+        self.queued.fetch_sub(messages, Ordering::AcqRel);
+    }
+
+    /// Records that `messages` left the queue without settling.
+    pub fn abandoned(&self, messages: usize) {
+        self.queued.fetch_sub(messages, Ordering::AcqRel);
+    }
+
+    fn next_offset(&self) -> i64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// One assigned partition.
+pub(crate) struct Slot {
+    pub topic: String,
+    pub partition: i32,
+    pub progress: Arc<Progress>,
+    pub sender: mpsc::UnboundedSender<OwnedMessage>,
+    /// Cancelled when the partition is revoked or the consumer stops.
+    pub halt: CancellationToken,
+    /// The last offset handed to librdkafka's offset store.
+    stored: i64,
+    paused: bool,
+}
+
+impl Slot {
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        sender: mpsc::UnboundedSender<OwnedMessage>,
+        halt: CancellationToken,
+    ) -> (Self, Arc<Progress>) {
+        let progress = Arc::new(Progress::default());
+        let slot = Self {
+            topic: topic.to_owned(),
+            partition,
+            progress: progress.clone(),
+            sender,
+            halt,
+            stored: -1,
+            paused: false,
+        };
+        (slot, progress)
+    }
+
+    /// Counts one more message handed to the worker; true if the queue
+    /// just reached `high` and the partition should be paused.
+    pub fn enqueued(&mut self, high: usize) -> bool {
+        let queued = self.progress.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        if !self.paused && queued >= high {
+            self.paused = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// The partitions held now.
+#[derive(Default)]
+pub(crate) struct Assignments {
+    slots: Mutex<Vec<Slot>>,
+}
+
+impl Assignments {
+    pub fn lock(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watermarks that moved since the last call, and partitions whose
+    /// queue fell to `low` after a pause.
+    pub fn poll(&self, low: usize) -> (TopicPartitionList, TopicPartitionList) {
+        let mut moved = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for slot in self.lock().iter_mut() {
+            let next = slot.progress.next_offset();
+            if next > slot.stored {
+                let added =
+                    moved.add_partition_offset(&slot.topic, slot.partition, Offset::Offset(next));
+                if added.is_ok() {
+                    slot.stored = next;
+                }
+            }
+            if slot.paused && slot.progress.queued() <= low {
+                slot.paused = false;
+                resume.add_partition(&slot.topic, slot.partition);
+            }
+        }
+        (moved, resume)
+    }
+
+    /// Removes the slots of `revoked`, halting their workers, and returns
+    /// their watermarks.
+    fn revoke(&self, revoked: &TopicPartitionList) -> TopicPartitionList {
+        let mut watermarks = TopicPartitionList::new();
+        self.lock().retain(|slot| {
+            let gone = revoked.find_partition(&slot.topic, slot.partition).is_some();
+            if gone {
+                slot.halt.cancel();
+                let next = slot.progress.next_offset();
+                if next >= 0 {
+                    let _ = watermarks.add_partition_offset(
+                        &slot.topic,
+                        slot.partition,
+                        Offset::Offset(next),
+                    );
+                }
+            }
+            !gone
+        });
+        watermarks
+    }
+}
+
+/// The consumer's librdkafka context: commits a revoked partition's
+/// watermark before the partition goes.
+pub(crate) struct GroupContext {
+    pub assignments: Arc<Assignments>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                let watermarks = self.assignments.revoke(partitions);
+                if watermarks.count() > 0 {
+                    if let Err(error) = consumer.store_offsets(&watermarks) {
+                        tracing::debug!(%error, "storing revoked offsets failed");
+                    }
+                    if let Err(error) = consumer.commit(&watermarks, CommitMode::Sync) {
+                        tracing::warn!(%error, "committing revoked partitions failed");
+                    }
+                }
+                tracing::info!(partitions = partitions.count(), "partitions revoked");
+            }
+            Rebalance::Assign(partitions) => {
+                tracing::info!(partitions = partitions.count(), "partitions assigned");
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+}
