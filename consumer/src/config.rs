@@ -1,6 +1,7 @@
 //! The consumer service's configuration: flags, or `EI_*` environment
 //! variables, validated at start.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -139,6 +140,16 @@ pub struct ConsumerConfig {
     /// Timeout of each forwarding request, in milliseconds.
     #[arg(long, env = "EI_FORWARD_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub forward_timeout_ms: u64,
+
+    /// Address of the operations endpoint: `/metrics` (Prometheus),
+    /// `/healthz` and `/readyz`. Port 0 picks a free port.
+    #[arg(long, env = "EI_OPS_LISTEN", default_value = "127.0.0.1:8082")]
+    pub ops_listen: SocketAddr,
+
+    /// How long the consumer may make no progress while its partitions have
+    /// lag before `/readyz` reports it not ready, in seconds.
+    #[arg(long, env = "EI_STALL_TIMEOUT_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stall_timeout_s: u64,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "EI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod dead_letter;
 pub mod forward;
+mod health;
 pub mod inbox;
 mod partitions;
 pub mod routes;
@@ -30,7 +31,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use event_identity::discovery::resolve;
 use event_identity::jwks::JwksTiming;
+use event_identity::ops::{JwksMetrics, latency_buckets};
+use event_identity::service::{check_kafka, serve_ops};
 use event_identity::{Verifier, VerifierConfig};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::Consumer as _;
 use tokio_util::sync::CancellationToken;
@@ -42,8 +47,10 @@ pub use routes::{ClaimsPolicy, Route, Routes};
 pub use stats::Stats;
 
 use crate::dead_letter::DeadLetters;
+use crate::health::Health;
 use crate::partitions::{Assignments, GroupContext};
 use crate::runtime::{GroupConsumer, Runtime};
+use crate::stats::StatsMetrics;
 use crate::worker::Shared;
 
 /// Assembles a consumer from its configuration, with optional code hooks.
@@ -120,6 +127,12 @@ impl ConsumerBuilder {
             .map_err(|e| anyhow::anyhow!("--issuer: cannot load the issuer's keys: {e}"))?;
         tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
 
+        // A broker must answer before the consumer claims to have started.
+        let brokers = check_kafka(&config.kafka_bootstrap, KAFKA_CHECK_TIMEOUT)
+            .await
+            .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
+        tracing::info!(bootstrap = %config.kafka_bootstrap, brokers, "Kafka reachable");
+
         let inbox = Inbox::connect(&config.database_url).await.with_context(|| {
             format!("--database-url: cannot open the inbox at {}", redact_url(&config.database_url))
         })?;
@@ -128,7 +141,9 @@ impl ConsumerBuilder {
                 .context("--kafka-bootstrap: cannot create the dead-letter producer")?;
 
         let assignments = Arc::new(Assignments::default());
-        let context = GroupContext { assignments: assignments.clone() };
+        let stall_timeout = Duration::from_secs(config.stall_timeout_s);
+        let health = Arc::new(Health::new(verifier.clone(), stall_timeout));
+        let context = GroupContext { assignments: assignments.clone(), health: health.clone() };
         let consumer: GroupConsumer = ClientConfig::new()
             .set("bootstrap.servers", &config.kafka_bootstrap)
             .set("group.id", &config.group)
@@ -138,10 +153,32 @@ impl ConsumerBuilder {
             .set("auto.offset.reset", &config.auto_offset_reset)
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", "1000")
             .create_with_context(context)
             .context("--kafka-bootstrap: cannot create the Kafka consumer")?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("--topic: cannot subscribe")?;
+
+        let ops = tokio::net::TcpListener::bind(config.ops_listen)
+            .await
+            .with_context(|| format!("--ops-listen: cannot listen on {}", config.ops_listen))?;
+        let stats = Arc::new(Stats::default());
+        let mut registry = Registry::with_prefix("event_consumer");
+        let verification_seconds = Histogram::new(latency_buckets());
+        let handler_seconds = Histogram::new(latency_buckets());
+        registry.register(
+            "verification_seconds",
+            "Time to verify one event token, cache hits included.",
+            verification_seconds.clone(),
+        );
+        registry.register(
+            "handler_seconds",
+            "Time of one handler call inside the inbox transaction.",
+            handler_seconds.clone(),
+        );
+        registry.register_collector(Box::new(StatsMetrics(stats.clone())));
+        registry.register_collector(Box::new(health.clone()));
+        registry.register_collector(Box::new(JwksMetrics(verifier.clone())));
 
         let shared = Shared {
             verifier,
@@ -151,20 +188,27 @@ impl ConsumerBuilder {
             dead_letters,
             max_backoff: config.max_retry_backoff(),
             batch_size: config.batch_size as usize,
-            stats: Arc::new(Stats::default()),
+            stats,
+            verification_seconds,
+            handler_seconds,
         };
         let runtime = Runtime {
             shared: Arc::new(shared),
             assignments,
+            health: health.clone(),
             max_queued: config.max_queued_per_partition as usize,
             shutdown_timeout: config.shutdown_timeout(),
         };
         let purge = config
             .inbox_retention()
             .map(|retention| (retention, Duration::from_secs(config.inbox_purge_interval_s)));
-        Ok(EventConsumer { consumer, runtime, purge })
+        let ops = (ops, event_identity::ops::router(registry, health));
+        Ok(EventConsumer { consumer, runtime, purge, ops })
     }
 }
+
+/// How long a broker has to answer at start.
+const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A built consumer, subscribed and ready to run.
 pub struct EventConsumer {
@@ -172,6 +216,8 @@ pub struct EventConsumer {
     runtime: Runtime,
     /// Inbox retention and purge interval, unless markers are kept forever.
     purge: Option<(Duration, Duration)>,
+    /// The operations endpoint's listener and routes.
+    ops: (tokio::net::TcpListener, axum::Router),
 }
 
 impl EventConsumer {
@@ -185,11 +231,21 @@ impl EventConsumer {
         &self.runtime.shared.inbox
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn ops_addr(&self) -> std::net::SocketAddr {
+        self.ops.0.local_addr().expect("a bound listener has an address")
+    }
+
     /// Consumes until `stop` is cancelled, then lets in-flight messages
     /// finish within the shutdown deadline and commits settled offsets.
     pub async fn run(self, stop: CancellationToken) {
         let dead_letter_topic = self.runtime.shared.dead_letters.topic();
-        tracing::info!(dead_letter_topic, "consumer running");
+        let ops_addr = self.ops_addr();
+        tracing::info!(dead_letter_topic, %ops_addr, "consumer running");
+        let (listener, router) = self.ops;
+        let ops_stop = stop.clone();
+        let ops =
+            tokio::spawn(serve_ops(listener, router, async move { ops_stop.cancelled().await }));
         let purging = self.purge.map(|(retention, every)| {
             let inbox = self.runtime.shared.inbox.clone();
             tokio::spawn(purge_inbox(inbox, retention, every, stop.clone()))
@@ -198,6 +254,7 @@ impl EventConsumer {
         if let Some(purging) = purging {
             purging.abort();
         }
+        let _ = ops.await;
         tracing::info!("consumer stopped");
     }
 }

@@ -15,9 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::message::OwnedMessage;
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
 
 /// How far one partition's worker got.
 #[derive(Debug)]
@@ -157,12 +160,18 @@ impl Assignments {
 }
 
 /// The consumer's librdkafka context: commits a revoked partition's
-/// watermark before the partition goes.
+/// watermark before the partition goes, and feeds statistics to the
+/// consumer's health.
 pub(crate) struct GroupContext {
     pub assignments: Arc<Assignments>,
+    pub health: Arc<Health>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        self.health.observe(&statistics);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Health;
 use crate::partitions::{Assignments, GroupContext, Slot};
 use crate::stats::Stats;
 use crate::worker::{self, Shared};
@@ -29,6 +30,7 @@ pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
 pub(crate) struct Runtime {
     pub shared: Arc<Shared>,
     pub assignments: Arc<Assignments>,
+    pub health: Arc<Health>,
     /// A partition is paused when this many messages wait for its worker,
     /// and resumed when half have settled.
     pub max_queued: usize,
@@ -120,6 +122,7 @@ impl Runtime {
     fn store_watermarks(&self, consumer: &GroupConsumer) {
         let (moved, resume) = self.assignments.poll(self.max_queued / 2);
         if moved.count() > 0 {
+            self.health.progressed();
             if let Err(error) = consumer.store_offsets(&moved) {
                 tracing::debug!(%error, "storing offsets failed");
             }

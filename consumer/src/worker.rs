@@ -14,19 +14,22 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use event_identity::contract::{parse_data, parse_headers};
+use event_identity::contract::{bearer_token, parse_data, parse_headers};
+use event_identity::secret::fingerprint;
 use event_identity::{Rejection, Verifier, VerifyError};
 use futures_util::FutureExt as _;
 use futures_util::future::join_all;
+use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::Message as _;
 use rdkafka::message::{Headers as _, OwnedMessage};
+use sqlx::AnyConnection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::DeadLetters;
-use crate::inbox::{Event, Handler, HandlerError, Inbox, InboxOutcome};
+use crate::inbox::{Event, Handler, HandlerError, HandlerFuture, Inbox, InboxOutcome};
 use crate::partitions::Progress;
 use crate::routes::Routes;
 use crate::stats::Stats;
@@ -41,6 +44,10 @@ pub(crate) struct Shared {
     pub max_backoff: Duration,
     pub batch_size: usize,
     pub stats: Arc<Stats>,
+    /// Seconds per token verification (cache hits included).
+    pub verification_seconds: Histogram,
+    /// Seconds per handler call, inside the inbox transaction.
+    pub handler_seconds: Histogram,
 }
 
 /// What the checks decided about one message.
@@ -169,7 +176,10 @@ impl Shared {
             return reject(Rejection::MalformedPayload, detail);
         };
 
-        let claims = match self.verifier.verify(headers.token.expose()).await {
+        let started = Instant::now();
+        let verified = self.verifier.verify(headers.token.expose()).await;
+        self.verification_seconds.observe(started.elapsed().as_secs_f64());
+        let claims = match verified {
             Ok(claims) => claims,
             Err(VerifyError::Rejected { reason, detail }) => return reject(reason, detail),
             Err(VerifyError::Unavailable(why)) => return Check::Retry(why),
@@ -223,10 +233,14 @@ impl Shared {
         halt: &CancellationToken,
     ) -> Option<()> {
         for (message, reason, detail) in rejected {
+            let (event_id, kid, token) = identifiers(message);
             tracing::warn!(
                 topic = message.topic(),
                 partition = message.partition(),
                 offset = message.offset(),
+                event_id,
+                kid,
+                token_sha256 = token,
                 reason = reason.code(),
                 detail = detail.as_str(),
                 "message rejected"
@@ -271,7 +285,8 @@ impl Shared {
             let events: Vec<&Event> = accepted.iter().map(|(_, e)| e.as_ref()).collect();
             let mut backoff = Backoff::new(self.max_backoff);
             loop {
-                let result = self.guarded(self.inbox.process_batch(&events, self.handler.as_ref()));
+                let handler = Timed(self);
+                let result = self.guarded(self.inbox.process_batch(&events, &handler));
                 match result.await {
                     Ok(outcomes) => {
                         for (event, outcome) in events.iter().zip(outcomes) {
@@ -302,7 +317,7 @@ impl Shared {
     ) -> Option<()> {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
-            match self.guarded(self.inbox.process(event, self.handler.as_ref())).await {
+            match self.guarded(self.inbox.process(event, &Timed(self))).await {
                 Ok(outcome) => {
                     self.count(event, outcome);
                     return Some(());
@@ -344,6 +359,38 @@ impl Shared {
             ?outcome,
             "message settled"
         );
+    }
+}
+
+/// What a rejection's log line may name about a record: its `ce_id`, the
+/// `kid` its token claims, and a short hash of the token (never the token),
+/// each `-` when absent. None of them is verified.
+fn identifiers(message: &OwnedMessage) -> (String, String, String) {
+    let header = |name: &str| {
+        let headers = message.headers()?;
+        let value = headers.iter().find(|h| h.key.eq_ignore_ascii_case(name))?.value?;
+        Some(String::from_utf8_lossy(value).into_owned())
+    };
+    let id = header("ce_id").map(|id| id.chars().take(64).collect());
+    let token = header("authorization").and_then(|v| bearer_token(&v).map(str::to_owned));
+    let kid = token.as_deref().and_then(|t| jsonwebtoken::decode_header(t).ok()?.kid);
+    let kid = kid.map(|kid| kid.chars().take(64).collect());
+    let hash = token.as_deref().map(fingerprint);
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+    (or_dash(id), or_dash(kid), or_dash(hash))
+}
+
+/// The configured handler, timed into `handler_seconds`.
+struct Timed<'a>(&'a Shared);
+
+impl Handler for Timed<'_> {
+    fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = self.0.handler.handle(event, tx).await;
+            self.0.handler_seconds.observe(started.elapsed().as_secs_f64());
+            result
+        })
     }
 }
 

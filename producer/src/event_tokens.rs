@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use event_identity::ops::latency_buckets;
+use prometheus_client::metrics::histogram::Histogram;
 use sha2::{Digest, Sha256};
 
 use event_identity::exchange::{ExchangeError, TokenExchanger};
@@ -56,6 +58,9 @@ pub struct EventTokens {
     in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     failures: Mutex<HashMap<String, (Instant, EventTokenError)>>,
     exchanges: AtomicU64,
+    exchange_failures: AtomicU64,
+    cache_hits: AtomicU64,
+    exchange_seconds: Histogram,
 }
 
 impl EventTokens {
@@ -70,12 +75,30 @@ impl EventTokens {
             in_flight: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             exchanges: AtomicU64::new(0),
+            exchange_failures: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            exchange_seconds: Histogram::new(latency_buckets()),
         }
     }
 
-    /// How many exchanges have been made.
+    /// How many exchanges have been made (each retry counts).
     pub fn exchange_count(&self) -> u64 {
         self.exchanges.load(Ordering::Relaxed)
+    }
+
+    /// How many exchange requests failed (each retry counts).
+    pub fn exchange_failure_count(&self) -> u64 {
+        self.exchange_failures.load(Ordering::Relaxed)
+    }
+
+    /// How many requests were served an event token from the cache.
+    pub fn cache_hit_count(&self) -> u64 {
+        self.cache_hits.load(Ordering::Relaxed)
+    }
+
+    /// Seconds per exchange request.
+    pub fn exchange_seconds(&self) -> &Histogram {
+        &self.exchange_seconds
     }
 
     /// An event token for `user` to publish on `route`: from the cache when
@@ -97,13 +120,17 @@ impl EventTokens {
         }
         let key = hex(&hasher.finalize());
         if let Some(token) = self.cached(&key, SystemTime::now()) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(token);
         }
 
         let lock = self.in_flight_lock(&key);
         let guard = lock.lock().await;
         let result = match (self.cached(&key, SystemTime::now()), self.recent_failure(&key)) {
-            (Some(token), _) => Ok(token),
+            (Some(token), _) => {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                Ok(token)
+            }
             // The exchange this request waited for just failed: share its
             // answer rather than repeat its retries.
             (None, Some(error)) => Err(error),
@@ -131,7 +158,13 @@ impl EventTokens {
         let mut attempt = 1;
         let token = loop {
             self.exchanges.fetch_add(1, Ordering::Relaxed);
-            match self.exchanger.exchange(user_token, &route.scope, &route.audience).await {
+            let started = Instant::now();
+            let answer = self.exchanger.exchange(user_token, &route.scope, &route.audience).await;
+            self.exchange_seconds.observe(started.elapsed().as_secs_f64());
+            if answer.is_err() {
+                self.exchange_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            match answer {
                 Ok(token) => break token,
                 Err(ExchangeError::Unavailable(why)) if attempt < EXCHANGE_ATTEMPTS => {
                     tracing::warn!(attempt, reason = %why, "token exchange unavailable; retrying");

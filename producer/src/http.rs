@@ -1,4 +1,5 @@
-//! The HTTP API: `POST /v1/events` and `GET /healthz`.
+//! The HTTP API: `POST /v1/events` (the operations routes `/metrics`,
+//! `/healthz` and `/readyz` are merged in by the service).
 //!
 //! A request carries the user's token as `Authorization: Bearer <JWT>`,
 //! an optional `Idempotency-Key`, and a JSON body
@@ -14,12 +15,13 @@ use axum::body::{Body, to_bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use event_identity::contract::bearer_token;
 use event_identity::{Rejection, VerifyError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::metrics::RequestCounts;
 use crate::publisher::{PublishError, PublishRequest, Publisher};
 
 /// Seconds a client should wait before retrying after a 503.
@@ -30,18 +32,21 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// The API's routes over `publisher`.
-pub fn router(publisher: Arc<Publisher>, max_body_bytes: u64) -> Router {
+/// The API's routes over `publisher`; answers are counted in `requests`.
+pub fn router(publisher: Arc<Publisher>, max_body_bytes: u64, requests: RequestCounts) -> Router {
     let max_body_bytes = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
-    Router::new()
-        .route("/v1/events", post(publish))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(Api { publisher, max_body_bytes })
+    Router::new().route("/v1/events", post(publish)).with_state(Api {
+        publisher,
+        max_body_bytes,
+        requests,
+    })
 }
 
 #[derive(Clone)]
 struct Api {
     publisher: Arc<Publisher>,
     max_body_bytes: usize,
+    requests: RequestCounts,
 }
 
 #[derive(Deserialize)]
@@ -54,10 +59,13 @@ struct EventBody {
 }
 
 async fn publish(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
-    match handle(&api, &headers, body).await {
+    let response = match handle(&api, &headers, body).await {
         Ok(response) => response,
         Err(error) => problem_response(&error),
-    }
+    };
+    let status = response.status().as_u16().to_string();
+    api.requests.get_or_create(&vec![("status", status)]).inc();
+    response
 }
 
 async fn handle(api: &Api, headers: &HeaderMap, body: Body) -> Result<Response, PublishError> {

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod event_tokens;
 pub mod http;
+pub mod metrics;
 pub mod publisher;
 pub mod routes;
 
@@ -29,7 +30,8 @@ use tokio::net::TcpListener;
 pub use config::ProducerConfig;
 pub use publisher::{PublishError, PublishRequest, Published, Publisher};
 
-/// A producer service bound to its port, not yet serving.
+/// A producer service bound to its port, not yet serving. The port serves
+/// the API and the operations routes (`/metrics`, `/healthz`, `/readyz`).
 pub struct Service {
     listener: TcpListener,
     publisher: Arc<Publisher>,
@@ -64,7 +66,12 @@ impl Service {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<ShutdownReport> {
-        let app = http::router(self.publisher.clone(), self.config.max_body_bytes);
+        let probing = tokio_util::sync::CancellationToken::new();
+        let _stop_probing = probing.clone().drop_guard();
+        let (registry, requests) = metrics::registry(&self.publisher);
+        let readiness = metrics::ProducerReadiness::start(self.publisher.clone(), probing);
+        let app = http::router(self.publisher.clone(), self.config.max_body_bytes, requests)
+            .merge(event_identity::ops::router(registry, readiness));
         tracing::info!(addr = %self.local_addr(), "producer listening");
         let (requested_tx, requested) = tokio::sync::oneshot::channel();
         let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {

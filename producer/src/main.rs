@@ -1,17 +1,16 @@
 //! `event-producer`: the HTTP service over the producer library.
 
-use clap::Parser;
-use event_identity::service::{init_tracing, shutdown_signal};
+use event_identity::service::{init_tracing, one_line, parse_config, shutdown_signal};
 use event_identity_producer::{ProducerConfig, run};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = ProducerConfig::parse();
+    let config: ProducerConfig = parse_config("event-producer");
     init_tracing(config.log_format == "json");
     match run(config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("event-producer: {error:#}");
+            eprintln!("event-producer: {}", one_line(&format!("{error:#}")));
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,7 +1,7 @@
 //! Publishing one identity-bearing event.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -72,6 +72,9 @@ pub enum PublishError {
     TokenExchange(String),
 }
 
+/// How long a broker has to answer at start.
+const KAFKA_CHECK: Duration = Duration::from_secs(10);
+
 /// Publishes events on behalf of verified users.
 pub struct Publisher {
     user_verifier: Verifier,
@@ -83,6 +86,7 @@ pub struct Publisher {
     delivery_timeout: Duration,
     message_ids: MessageIds,
     in_progress: Arc<AtomicUsize>,
+    published: AtomicU64,
 }
 
 /// Counts a publish while it runs.
@@ -156,6 +160,10 @@ impl Publisher {
             .set("linger.ms", config.linger_ms.to_string())
             .create()
             .context("--kafka-bootstrap: cannot create the Kafka producer")?;
+        let brokers = event_identity::service::check_kafka(&config.kafka_bootstrap, KAFKA_CHECK)
+            .await
+            .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
+        tracing::info!(bootstrap = %config.kafka_bootstrap, brokers, "Kafka reachable");
 
         Ok(Self {
             user_verifier,
@@ -167,12 +175,36 @@ impl Publisher {
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms),
             message_ids: MessageIds::new(message_id_secret),
             in_progress: Arc::new(AtomicUsize::new(0)),
+            published: AtomicU64::new(0),
         })
     }
 
     /// The event-token source, to inspect exchange counts.
     pub fn event_tokens(&self) -> &EventTokens {
         &self.tokens
+    }
+
+    /// The verifier of user tokens (and its cache of the issuer's keys).
+    pub fn user_verifier(&self) -> &Verifier {
+        &self.user_verifier
+    }
+
+    /// Events the broker acknowledged since start.
+    pub fn published_count(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Whether a broker answers a metadata request within `timeout`.
+    pub async fn broker_reachable(&self, timeout: Duration) -> Result<(), String> {
+        let producer = self.producer.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map(|_| ())
+        });
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(format!("no Kafka broker answered ({error})")),
+            Err(error) => Err(format!("the broker check failed: {error}")),
+        }
     }
 
     /// Verifies a user's access token (the value of a Bearer header).
@@ -252,6 +284,7 @@ impl Publisher {
             self.producer.send(record, self.delivery_timeout).await.map_err(|(e, _)| {
                 PublishError::Unavailable(format!("Kafka did not acknowledge the record: {e}"))
             })?;
+        self.published.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             event_id = %id,
             topic = %self.topic,

@@ -7,6 +7,7 @@
 //! revoke keys that were already trusted.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -107,6 +108,8 @@ pub struct JwksCache {
     timing: JwksTiming,
     keys: RwLock<Arc<KeySet>>,
     refresh: Mutex<RefreshState>,
+    refreshes: AtomicU64,
+    refresh_failures: AtomicU64,
 }
 
 impl JwksCache {
@@ -119,6 +122,8 @@ impl JwksCache {
             timing,
             keys: RwLock::new(Arc::new(KeySet::default())),
             refresh: Mutex::new(RefreshState::default()),
+            refreshes: AtomicU64::new(0),
+            refresh_failures: AtomicU64::new(0),
         }
     }
 
@@ -178,6 +183,16 @@ impl JwksCache {
         self.snapshot().fetched_at.is_some()
     }
 
+    /// How many keys the current set holds.
+    pub fn key_count(&self) -> usize {
+        self.snapshot().keys.len()
+    }
+
+    /// Fetches of the key set that succeeded and that failed, since start.
+    pub fn refresh_counts(&self) -> (u64, u64) {
+        (self.refreshes.load(Ordering::Relaxed), self.refresh_failures.load(Ordering::Relaxed))
+    }
+
     fn snapshot(&self) -> Arc<KeySet> {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -210,8 +225,10 @@ impl JwksCache {
                 let set = KeySet { keys, fetched_at: Some(Instant::now()), digest, generation };
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
                 state.last_error = None;
+                self.refreshes.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => {
+                self.refresh_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(url = %self.url, %error, "fetching issuer keys failed; keeping the last good set");
                 state.last_error = Some(error);
             }

@@ -7,6 +7,7 @@
 //!   [`Rejection`] reason code.
 //! - [`exchange`]: the RFC 8693 token exchange client the producer uses to
 //!   turn a user token into an event token.
+//! - [`ops`]: `/metrics`, `/healthz` and `/readyz` for both binaries.
 //! - [`secret`]: a redacting wrapper for secrets and tokens, and the short
 //!   fingerprint that is logged in their place.
 
@@ -18,6 +19,7 @@ pub mod exchange;
 pub mod http;
 pub mod json;
 pub mod jwks;
+pub mod ops;
 pub mod reason;
 pub mod secret;
 pub mod service;

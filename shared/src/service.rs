@@ -1,4 +1,5 @@
-//! What both binaries do the same way at their edge: logging and signals.
+//! What both binaries do the same way at their edge: settings, logging,
+//! signals, the start-up broker check and the operations endpoint.
 
 use std::io::IsTerminal as _;
 
@@ -41,4 +42,82 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = interrupt.await;
     tracing::info!("shutdown requested");
+}
+
+/// Parses a binary's settings from its flags and environment. `--help` and
+/// `--version` print and exit 0; a bad or missing setting prints one line
+/// naming it (`<binary>: error: ...`) and exits 2.
+pub fn parse_config<T: clap::Parser>(binary: &str) -> T {
+    match T::try_parse() {
+        Ok(config) => config,
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            exit_with(binary, &error.render().to_string(), 2);
+        }
+    }
+}
+
+/// Prints `message` as one line prefixed by `binary` and exits with `code`.
+/// Clap's usage hints and blank lines are dropped.
+pub fn exit_with(binary: &str, message: &str, code: i32) -> ! {
+    eprintln!("{binary}: {}", one_line(message));
+    std::process::exit(code)
+}
+
+/// `message` on one line: lines joined by spaces, clap's usage and help
+/// hints dropped.
+pub fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Checks at start that a Kafka broker answers at `bootstrap` within
+/// `timeout`; the number of brokers it reports.
+pub async fn check_kafka(bootstrap: &str, timeout: std::time::Duration) -> Result<usize, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+    let bootstrap = bootstrap.to_owned();
+    let check = tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .map_err(|e| format!("{bootstrap:?} is not usable: {e}"))?;
+        let metadata = client.fetch_metadata(None, timeout).map_err(|e| {
+            format!("no Kafka broker answered at {bootstrap} within {timeout:?} ({e})")
+        })?;
+        Ok(metadata.brokers().len())
+    });
+    check.await.map_err(|e| format!("the broker check failed: {e}"))?
+}
+
+/// Serves `router` on `listener` until `stop` completes.
+pub async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+        tracing::error!(%error, "the operations endpoint failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let rendered = "error: the following required arguments were not provided:\n  \
+                        --audience <AUDIENCE>\n\nUsage: event-consumer --audience <AUDIENCE>\n\n\
+                        For more information, try '--help'.\n";
+        assert_eq!(
+            one_line(rendered),
+            "error: the following required arguments were not provided: --audience <AUDIENCE>"
+        );
+    }
 }

@@ -308,6 +308,8 @@ pub struct TestConsumer {
     pub stats: Arc<Stats>,
     /// Its inbox database URL.
     pub database_url: String,
+    /// Where its `/metrics`, `/healthz` and `/readyz` are served.
+    pub ops: SocketAddr,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _dir: Arc<tempfile::TempDir>,
@@ -384,6 +386,7 @@ pub fn consumer_config(
         format!("--route=type={EVENT_TYPE},scope={EVENT_SCOPE},claim_equals_field=tenant:tenant"),
         format!("--database-url={database_url}"),
         "--max-retry-backoff-ms=1000".into(),
+        "--ops-listen=127.0.0.1:0".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     <ConsumerConfig as clap::Parser>::try_parse_from(args).expect("consumer config")
@@ -414,10 +417,10 @@ pub async fn start_consumer_with(
     let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
     let config = consumer_config(topic, &database_url, issuer, &[]);
     let consumer: EventConsumer = build(config).build().await.expect("consumer starts");
-    let stats = consumer.stats();
+    let (stats, ops) = (consumer.stats(), consumer.ops_addr());
     let stop = CancellationToken::new();
     let task = tokio::spawn(consumer.run(stop.clone()));
-    TestConsumer { stats, database_url, stop, task, _dir: dir }
+    TestConsumer { stats, database_url, ops, stop, task, _dir: dir }
 }
 
 /// The committed offset of `group` on `topic`'s `partition` (-1001 when

@@ -118,6 +118,7 @@ pub fn consumer_env(topic: &str, issuer: &str, database_url: &str) -> Vec<(Strin
         ("EI_DATABASE_URL", database_url.to_owned()),
         ("EI_MAX_RETRY_BACKOFF_MS", "1000".to_owned()),
         ("EI_SESSION_TIMEOUT_MS", "3000".to_owned()),
+        ("EI_OPS_LISTEN", "127.0.0.1:0".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

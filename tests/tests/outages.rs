@@ -106,3 +106,72 @@ async fn with_keycloak_stopped_requests_get_503_and_nothing_is_published() {
     producer.stop().await;
     assert_eq!(record_count(&topic).await, 0);
 }
+
+/// Polls `url` until it answers `status`; the last body.
+async fn wait_for_status(url: &str, status: u16, within: Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(response) = reqwest::get(url).await {
+            let got = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            if got == status {
+                return body;
+            }
+            assert!(std::time::Instant::now() < deadline, "{url}: {got} {body} after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_while_kafka_is_stopped_and_ready_when_it_returns() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    require_services().await;
+    let env = outage_broker_env();
+    let bootstrap = format!("127.0.0.1:{}", env[0].1);
+    let script = |command: &'static str| {
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || run_script("kafka.sh", &[command], &env))
+    };
+    script("start").await.unwrap();
+
+    // A producer and a consumer on that broker, the topic made by a first event.
+    let topic = "readiness-events";
+    let producer = start_producer(producer_config(
+        topic,
+        &[&format!("--kafka-bootstrap={bootstrap}"), "--delivery-timeout-ms=3000"],
+    ))
+    .await;
+    assert_eq!(publish(&producer.events_url(), &alice_token().await).await.status(), 202);
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let consumer = start_consumer_with(topic, &issuer(), dir, |mut config| {
+        config.kafka_bootstrap = bootstrap.clone();
+        event_identity_consumer::ConsumerBuilder::new(config)
+    })
+    .await;
+    let urls =
+        [format!("http://{}/readyz", producer.addr), format!("http://{}/readyz", consumer.ops)];
+    for url in &urls {
+        wait_for_status(url, 200, Duration::from_secs(60)).await;
+    }
+
+    script("stop").await.unwrap();
+    let outcome = async {
+        let mut reasons = Vec::new();
+        for url in &urls {
+            reasons.push(wait_for_status(url, 503, Duration::from_secs(30)).await);
+        }
+        reasons
+    }
+    .await;
+    script("resume").await.unwrap();
+    for url in &urls {
+        wait_for_status(url, 200, Duration::from_secs(60)).await;
+    }
+    consumer.stop().await;
+    producer.stop().await;
+    script("stop").await.unwrap();
+
+    assert!(outcome[0].contains("no Kafka broker answered"), "producer: {}", outcome[0]);
+    assert!(outcome[1].contains("no Kafka broker connected"), "consumer: {}", outcome[1]);
+}
