@@ -188,7 +188,12 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
     let cases = [
         ("event-consumer", consumer(std::slice::from_ref(&bad_issuer), ""), 1, "--issuer"),
         ("event-consumer", consumer(&[], "EI_AUDIENCE"), 2, "--audience"),
-        ("event-consumer", consumer(std::slice::from_ref(&unreachable), ""), 1, "--kafka-bootstrap"),
+        (
+            "event-consumer",
+            consumer(std::slice::from_ref(&unreachable), ""),
+            1,
+            "--kafka-bootstrap",
+        ),
         ("event-consumer", consumer(&[("EI_LEEWAY_S", "9999".into())], ""), 2, "--leeway-s"),
         ("event-producer", producer(&[bad_issuer], ""), 1, "--issuer"),
         ("event-producer", producer(&[no_audience], ""), 2, "audience"),
