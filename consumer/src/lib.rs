@@ -127,12 +127,6 @@ impl ConsumerBuilder {
             .map_err(|e| anyhow::anyhow!("--issuer: cannot load the issuer's keys: {e}"))?;
         tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
 
-        // A broker must answer before the consumer claims to have started.
-        let brokers = check_kafka(&config.kafka_bootstrap, KAFKA_CHECK_TIMEOUT)
-            .await
-            .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
-        tracing::info!(bootstrap = %config.kafka_bootstrap, brokers, "Kafka reachable");
-
         let inbox = Inbox::connect(&config.database_url).await.with_context(|| {
             format!("--database-url: cannot open the inbox at {}", redact_url(&config.database_url))
         })?;
@@ -275,11 +269,18 @@ async fn purge_inbox(inbox: Inbox, retention: Duration, every: Duration, stop: C
     }
 }
 
-/// Runs the consumer service until `shutdown` completes.
+/// Runs the consumer service until `shutdown` completes. Unlike
+/// [`ConsumerBuilder::build`] alone, it first requires a broker to answer
+/// within 10 s.
 pub async fn run(
     config: ConsumerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // A broker must answer before the service claims to have started.
+    let brokers = check_kafka(&config.kafka_bootstrap, KAFKA_CHECK_TIMEOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
+    tracing::info!(bootstrap = %config.kafka_bootstrap, brokers, "Kafka reachable");
     let consumer = ConsumerBuilder::new(config).build().await?;
     let stop = CancellationToken::new();
     let trigger = stop.clone();

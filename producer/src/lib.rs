@@ -121,6 +121,9 @@ impl Service {
     }
 }
 
+/// How long a broker has to answer when the service starts.
+const KAFKA_CHECK: Duration = Duration::from_secs(10);
+
 /// What a producer's shutdown left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -129,11 +132,17 @@ pub struct ShutdownReport {
     pub undelivered: usize,
 }
 
-/// Runs the producer service until `shutdown` completes.
+/// Runs the producer service until `shutdown` completes. Unlike
+/// [`Service::bind`] alone, it first requires a broker to answer within
+/// 10 s, so that a service that cannot publish does not claim to start.
 pub async fn run(
     config: ProducerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let brokers = event_identity::service::check_kafka(&config.kafka_bootstrap, KAFKA_CHECK)
+        .await
+        .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
+    tracing::info!(bootstrap = %config.kafka_bootstrap, brokers, "Kafka reachable");
     Service::bind(config).await?.serve(shutdown).await?;
     Ok(())
 }

@@ -72,9 +72,6 @@ pub enum PublishError {
     TokenExchange(String),
 }
 
-/// How long a broker has to answer at start.
-const KAFKA_CHECK: Duration = Duration::from_secs(10);
-
 /// Publishes events on behalf of verified users.
 pub struct Publisher {
     user_verifier: Verifier,
@@ -160,10 +157,6 @@ impl Publisher {
             .set("linger.ms", config.linger_ms.to_string())
             .create()
             .context("--kafka-bootstrap: cannot create the Kafka producer")?;
-        let brokers = event_identity::service::check_kafka(&config.kafka_bootstrap, KAFKA_CHECK)
-            .await
-            .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
-        tracing::info!(bootstrap = %config.kafka_bootstrap, brokers, "Kafka reachable");
 
         Ok(Self {
             user_verifier,
