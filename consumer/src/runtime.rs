@@ -50,7 +50,13 @@ impl Runtime {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => self.store_watermarks(consumer),
-                Some(_) = workers.join_next(), if !workers.is_empty() => {}
+                Some(joined) = workers.join_next(), if !workers.is_empty() => {
+                    if let Err(error) = joined {
+                        // Its partition stops moving (and /readyz says so)
+                        // until a restart or rebalance re-reads it.
+                        tracing::error!(%error, "a partition worker failed");
+                    }
+                }
                 message = consumer.recv() => match message {
                     Ok(message) => self.dispatch(consumer, &message, &mut workers, stop),
                     Err(error) => {

@@ -67,9 +67,9 @@ impl Service {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<ShutdownReport> {
         let probing = tokio_util::sync::CancellationToken::new();
-        let _stop_probing = probing.clone().drop_guard();
         let (registry, requests) = metrics::registry(&self.publisher);
-        let readiness = metrics::ProducerReadiness::start(self.publisher.clone(), probing);
+        let (readiness, probe) =
+            metrics::ProducerReadiness::start(self.publisher.clone(), probing.clone());
         let app = http::router(self.publisher.clone(), self.config.max_body_bytes, requests)
             .merge(event_identity::ops::router(registry, readiness));
         tracing::info!(addr = %self.local_addr(), "producer listening");
@@ -83,6 +83,7 @@ impl Service {
         // Until shutdown is requested, the server runs on its own.
         tokio::select! {
             result = &mut server => {
+                probing.cancel();
                 result??;
                 return Ok(ShutdownReport { undelivered: 0 });
             }
@@ -113,6 +114,8 @@ impl Service {
                 undelivered
             }
         };
+        probing.cancel();
+        let _ = probe.await;
         if undelivered == 0 {
             tracing::info!("every accepted event was delivered");
         }

@@ -85,14 +85,15 @@ pub struct ProducerReadiness {
 
 impl ProducerReadiness {
     /// Readiness of `publisher`, probing the broker in the background until
-    /// `stop` is cancelled.
+    /// `stop` is cancelled; await the handle after cancelling, so that the
+    /// probe's hold on the publisher ends before the caller drops it.
     pub fn start(
         publisher: Arc<Publisher>,
         stop: tokio_util::sync::CancellationToken,
-    ) -> Arc<Self> {
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let broker = Arc::new(Mutex::new(Err("the broker has not been probed yet".into())));
         let readiness = Arc::new(Self { publisher: publisher.clone(), broker: broker.clone() });
-        tokio::spawn(async move {
+        let probe = tokio::spawn(async move {
             loop {
                 let answer = publisher.broker_reachable(BROKER_PROBE_INTERVAL).await;
                 *broker.lock().unwrap_or_else(|e| e.into_inner()) = answer;
@@ -102,7 +103,7 @@ impl ProducerReadiness {
                 }
             }
         });
-        readiness
+        (readiness, probe)
     }
 }
 
