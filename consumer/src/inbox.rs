@@ -14,6 +14,7 @@
 //! several replicas of one group. Both go through `sqlx`'s `Any` driver so
 //! handlers are written once.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use event_identity::VerifiedClaims;
 use serde_json::Value;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyConnection, AnyPool, Executor as _};
+use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor as _, Row as _};
 use time::format_description::FormatItem;
 use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
@@ -75,6 +76,22 @@ pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError
 pub trait Handler: Send + Sync {
     /// Applies `event`'s effect.
     fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a>;
+
+    /// Applies the effects of several events in one go, in order; the
+    /// default calls [`Handler::handle`] for each. Override it when a
+    /// batch can be written faster than its events one by one.
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [&'a Event],
+        tx: &'a mut AnyConnection,
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            for event in events {
+                self.handle(event, tx).await?;
+            }
+            Ok(())
+        })
+    }
 
     /// Whether several events may share one transaction (the default).
     /// A handler with effects outside the database should say no: when one
@@ -184,32 +201,53 @@ impl Inbox {
         events: &[&Event],
         handler: &dyn Handler,
     ) -> Result<Vec<InboxOutcome>, HandlerError> {
+        // Only the first record of a (subject, message ID) in the batch can
+        // be new; the others are duplicates of it.
+        let mut seen = HashSet::new();
+        let first: Vec<bool> =
+            events.iter().map(|e| seen.insert((e.claims.subject.as_str(), e.id))).collect();
+        let candidates: Vec<&Event> =
+            events.iter().zip(&first).filter(|(_, first)| **first).map(|(e, _)| *e).collect();
+
         let mut tx = self.pool.begin().await?;
         let processed_at = now_text();
-        let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
-            let inserted = sqlx::query(
-                "INSERT INTO inbox (subject, message_id, event_type, processed_at)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (subject, message_id) DO NOTHING",
-            )
-            .bind(&event.claims.subject)
-            .bind(event.id.to_string())
-            .bind(&event.event_type)
-            .bind(&processed_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                outcomes.push(InboxOutcome::Duplicate);
-                continue;
+        let mut inserted = HashSet::new();
+        for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO inbox (subject, message_id, event_type, processed_at) VALUES {}
+                 ON CONFLICT (subject, message_id) DO NOTHING RETURNING subject, message_id",
+                placeholders(chunk.len(), 4)
+            );
+            let mut insert = sqlx::query(AssertSqlSafe(sql));
+            for event in chunk {
+                insert = insert
+                    .bind(&event.claims.subject)
+                    .bind(event.id.to_string())
+                    .bind(&event.event_type)
+                    .bind(&processed_at);
             }
-
-            // On error the transaction is dropped, which rolls it back.
-            handler.handle(event, &mut tx).await?;
-            outcomes.push(InboxOutcome::Processed);
+            for row in insert.fetch_all(&mut *tx).await? {
+                let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                inserted.insert(key);
+            }
         }
+
+        let is_new = |event: &Event| {
+            inserted.contains(&(event.claims.subject.clone(), event.id.to_string()))
+        };
+        let fresh: Vec<&Event> = candidates.iter().copied().filter(|e| is_new(e)).collect();
+        // On error the transaction is dropped, which rolls it back.
+        handler.handle_batch(&fresh, &mut tx).await?;
         tx.commit().await?;
+
+        let outcomes = events
+            .iter()
+            .zip(first)
+            .map(|(event, first)| match first && is_new(event) {
+                true => InboxOutcome::Processed,
+                false => InboxOutcome::Duplicate,
+            })
+            .collect();
         Ok(outcomes)
     }
 
@@ -233,30 +271,67 @@ pub struct RecordEvents;
 
 impl Handler for RecordEvents {
     fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a> {
-        Box::pin(async move {
-            let claims = Value::Object(event.claims.claims.clone()).to_string();
-            sqlx::query(
-                "INSERT INTO events (message_id, event_type, source, subject, issuer, token_id, claims,
-                    data, kafka_topic, kafka_partition, kafka_offset, received_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(event.id.to_string())
-            .bind(&event.event_type)
-            .bind(&event.source)
-            .bind(&event.claims.subject)
-            .bind(&event.claims.issuer)
-            .bind(event.claims.token_id.clone())
-            .bind(claims)
-            .bind(event.data.to_string())
-            .bind(&event.topic)
-            .bind(event.partition)
-            .bind(event.offset)
-            .bind(now_text())
-            .execute(&mut *tx)
-            .await?;
-            Ok(())
-        })
+        Box::pin(async move { record_events(&[event], tx).await })
     }
+
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [&'a Event],
+        tx: &'a mut AnyConnection,
+    ) -> HandlerFuture<'a> {
+        Box::pin(record_events(events, tx))
+    }
+}
+
+/// Writes one `events` row per event, many rows per statement.
+async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), HandlerError> {
+    let received_at = now_text();
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO events (message_id, event_type, source, subject, issuer, token_id,
+                claims, data, kafka_topic, kafka_partition, kafka_offset, received_at)
+             VALUES {}",
+            placeholders(chunk.len(), 12)
+        );
+        let texts: Vec<(String, String, String)> = chunk
+            .iter()
+            .map(|e| {
+                let claims = Value::Object(e.claims.claims.clone()).to_string();
+                (e.id.to_string(), claims, e.data.to_string())
+            })
+            .collect();
+        let mut insert = sqlx::query(AssertSqlSafe(sql));
+        for (event, (id, claims, data)) in chunk.iter().zip(&texts) {
+            insert = insert
+                .bind(id)
+                .bind(&event.event_type)
+                .bind(&event.source)
+                .bind(&event.claims.subject)
+                .bind(&event.claims.issuer)
+                .bind(event.claims.token_id.as_deref())
+                .bind(claims)
+                .bind(data)
+                .bind(&event.topic)
+                .bind(event.partition)
+                .bind(event.offset)
+                .bind(&received_at);
+        }
+        insert.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Rows per multi-row statement: a few hundred parameters, far below what
+/// SQLite and PostgreSQL allow in one statement.
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// `($1, $2), ($3, $4), ...` for `rows` rows of `columns` values.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let row = |r: usize| {
+        let values: Vec<String> = (1..=columns).map(|c| format!("${}", r * columns + c)).collect();
+        format!("({})", values.join(", "))
+    };
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
 }
 
 /// Times are stored as fixed-width UTC text (microseconds), so that text
@@ -337,6 +412,21 @@ mod tests {
         let outcomes = inbox.process_batch(&[&b, &a], &RecordEvents).await.unwrap();
         assert_eq!(outcomes, [Duplicate, Duplicate]);
         assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn batches_larger_than_one_statement_keep_every_outcome_in_order() {
+        let (inbox, _dir) = inbox().await;
+        let events: Vec<Event> = (0..150).map(|n| event("u1", n % 140)).collect();
+        let refs: Vec<&Event> = events.iter().collect();
+        let outcomes = inbox.process_batch(&refs, &RecordEvents).await.unwrap();
+        let processed = outcomes.iter().filter(|o| **o == InboxOutcome::Processed).count();
+        assert_eq!(processed, 140);
+        assert!(outcomes[140..].iter().all(|o| *o == InboxOutcome::Duplicate));
+        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (140, 140));
+
+        let again = inbox.process_batch(&refs[..70], &RecordEvents).await.unwrap();
+        assert!(again.iter().all(|o| *o == InboxOutcome::Duplicate));
     }
 
     #[tokio::test]
