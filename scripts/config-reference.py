@@ -5,6 +5,7 @@ their configuration structs declare. Run after changing a setting:
     cargo build --bins -p event-identity-producer -p event-identity-consumer
     python3 scripts/config-reference.py
 """
+import os
 import pathlib
 import re
 import subprocess
@@ -14,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def settings(binary):
     """(flag, env, default, choices, text) for each option of --help."""
-    out = subprocess.run([ROOT / "target/debug" / binary, "--help"], capture_output=True,
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    out = subprocess.run([target / "debug" / binary, "--help"], capture_output=True,
                          text=True, check=True).stdout
     rows, flag, text = [], None, []
     for line in out.splitlines():

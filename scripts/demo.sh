@@ -25,7 +25,8 @@ trap cleanup EXIT
 say() { printf '\n== %s\n' "$*"; }
 
 say "building the binaries (release)"
-cargo build --release --locked --bins
+cargo build --release --locked --bins -p event-identity-producer -p event-identity-consumer
+bin="${CARGO_TARGET_DIR:-target}/release"
 
 say "starting Kafka and Keycloak"
 scripts/kafka.sh start >/dev/null &
@@ -49,18 +50,25 @@ EI_AUDIENCE=order-consumer \
 	EI_DEAD_LETTER_TOPIC="$topic.dead-letter" \
 	EI_ROUTES="type=com.example.order.created,scope=events:order.created,claim_equals_field=tenant:tenant" \
 	EI_DATABASE_URL="sqlite://$PWD/$run_dir/inbox.db?mode=rwc" \
-	target/release/event-consumer >"$run_dir/consumer.log" 2>&1 &
+	EI_OPS_LISTEN=127.0.0.1:0 \
+	"$bin/event-consumer" >"$run_dir/consumer.log" 2>&1 &
 pids+=($!)
 EI_PRODUCER_LISTEN="$producer_addr" \
 	EI_CLIENT_ID=event-producer \
 	EI_CLIENT_SECRET=producer-secret \
 	EI_ROUTES="type=com.example.order.created,requires=orders:write,scope=events:order.created,audience=order-consumer" \
-	target/release/event-producer >"$run_dir/producer.log" 2>&1 &
+	"$bin/event-producer" >"$run_dir/producer.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do
-	curl -sf "http://$producer_addr/healthz" >/dev/null && break
+ready=
+for _ in $(seq 1 150); do
+	curl -sf "http://$producer_addr/readyz" >/dev/null && { ready=1; break; }
 	sleep 0.2
 done
+if [ -z "$ready" ]; then
+	echo "demo.sh: the producer did not become ready in 30 s; its log and the consumer's end with:" >&2
+	tail -n 5 "$run_dir/producer.log" "$run_dir/consumer.log" >&2
+	exit 1
+fi
 
 token() {
 	curl -sf "$issuer/protocol/openid-connect/token" \

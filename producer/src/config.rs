@@ -19,7 +19,10 @@ use crate::routes::EventRoute;
     args_override_self = true,
     name = "event-producer",
     version,
-    about = "Publishes identity-bearing events to Kafka"
+    about = "Publishes identity-bearing events to Kafka",
+    group = clap::ArgGroup::new("client_auth")
+        .required(true)
+        .args(["client_secret", "client_key_file"])
 )]
 pub struct ProducerConfig {
     /// Address the HTTP API listens on.
@@ -87,7 +90,9 @@ pub struct ProducerConfig {
     pub user_audience: Option<String>,
 
     /// A publishable event type:
-    /// `type=T,requires=USER_SCOPE,scope=EVENT_SCOPE,audience=CONSUMERS`.
+    /// `type=T,requires=USER_SCOPE,scope=EVENT_SCOPE,audience=CONSUMERS`, or
+    /// `requires_claim=CLAIM:V1|V2` instead of `requires` to allow users by a
+    /// claim's value (e.g. a role list).
     /// Repeat the flag, or separate routes with `;` in the variable.
     #[arg(long = "route", env = "EI_ROUTES", value_delimiter = ';', required = true)]
     pub routes: Vec<EventRoute>,
@@ -258,16 +263,14 @@ mod tests {
     #[test]
     fn client_authentication_is_one_of_two_kinds() {
         let route = "--route=type=a,requires=r,scope=s,audience=x";
-        let both = parse(&[route, "--client-key-file=/nonexistent.pem"]).unwrap();
-        assert!(both.client_auth().unwrap_err().contains("give one, not both"));
-        let mut none = parse(&[route]).unwrap();
-        none.client_secret = None;
-        assert_eq!(
-            none.client_auth().unwrap_err(),
-            "--client-secret or --client-key-file is required"
-        );
-        let mut missing = parse(&[route, "--client-key-file=/nonexistent.pem"]).unwrap();
+        let both = parse(&[route, "--client-key-file=/nonexistent.pem"]).err().unwrap();
+        assert!(both.to_string().contains("cannot be used with"), "{both}");
+        let base = ["event-producer", "--issuer=https://idp.example.test", "--client-id=c", route];
+        let none = ProducerConfig::try_parse_from(base).err().unwrap();
+        assert!(none.to_string().contains("--client-secret"), "{none}");
+        let mut missing = parse(&[route]).unwrap();
         missing.client_secret = None;
+        missing.client_key_file = Some("/nonexistent.pem".into());
         assert!(
             missing.client_auth().unwrap_err().starts_with("--client-key-file /nonexistent.pem")
         );

@@ -282,11 +282,14 @@ pub fn producer_config_with(topic: &str, args: &[&str]) -> ProducerConfig {
         format!("--kafka-bootstrap={}", kafka_bootstrap()),
         format!("--topic={topic}"),
         "--client-id=event-producer".into(),
-        "--client-secret=producer-secret".into(),
         format!(
             "--route=type={EVENT_TYPE},requires=orders:write,scope={EVENT_SCOPE},audience={CONSUMER_AUDIENCE}"
         ),
     ];
+    // The client secret, unless the caller authenticates with a key.
+    if !args.iter().any(|a| a.starts_with("--client-key-file")) {
+        all.push("--client-secret=producer-secret".into());
+    }
     all.extend(args.iter().map(|s| s.to_string()));
     <ProducerConfig as clap::Parser>::try_parse_from(all).expect("producer config")
 }

@@ -248,7 +248,7 @@ async fn a_producer_authenticating_with_private_key_jwt_publishes() {
     require_services().await;
     let topic = fresh_topic(1).await;
     let key_file = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/producer-client-rsa.pem");
-    let mut config = producer_config(
+    let config = producer_config(
         &topic,
         &[
             "--client-id=event-producer-jwt",
@@ -256,7 +256,7 @@ async fn a_producer_authenticating_with_private_key_jwt_publishes() {
             "--client-key-id=producer-client-1",
         ],
     );
-    config.client_secret = None;
+    assert!(config.client_secret.is_none());
     let producer = start_producer(config).await;
 
     let response =
