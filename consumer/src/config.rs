@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::NonEmptyStringValueParser;
 
 use crate::routes::RouteSpec;
 
@@ -22,15 +23,15 @@ pub struct ConsumerConfig {
     pub kafka_bootstrap: String,
 
     /// Consumer group ID; replicas with the same group share the partitions.
-    #[arg(long, env = "EI_GROUP", default_value = "event-consumer")]
+    #[arg(long, env = "EI_GROUP", default_value = "event-consumer", value_parser = NonEmptyStringValueParser::new())]
     pub group: String,
 
     /// Topics to consume, comma-separated.
-    #[arg(long = "topic", env = "EI_TOPICS", value_delimiter = ',', default_value = "events")]
+    #[arg(long = "topic", env = "EI_TOPICS", value_delimiter = ',', default_value = "events", value_parser = NonEmptyStringValueParser::new())]
     pub topics: Vec<String>,
 
     /// Topic that rejected messages are written to, with their reason.
-    #[arg(long, env = "EI_DEAD_LETTER_TOPIC", default_value = "events.dead-letter")]
+    #[arg(long, env = "EI_DEAD_LETTER_TOPIC", default_value = "events.dead-letter", value_parser = NonEmptyStringValueParser::new())]
     pub dead_letter_topic: String,
 
     /// The authorization server's issuer identifier (exact `iss`).
@@ -54,7 +55,7 @@ pub struct ConsumerConfig {
 
     /// Claims every event token must carry besides iss, aud, exp and sub,
     /// comma-separated (e.g. `jti,tenant`).
-    #[arg(long = "require-claim", env = "EI_REQUIRE_CLAIMS", value_delimiter = ',')]
+    #[arg(long = "require-claim", env = "EI_REQUIRE_CLAIMS", value_delimiter = ',', value_parser = NonEmptyStringValueParser::new())]
     pub require_claims: Vec<String>,
 
     /// A consumable event type and its rules:

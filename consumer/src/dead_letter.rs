@@ -7,7 +7,7 @@ use std::time::Duration;
 use event_identity::Rejection;
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message as _, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -75,12 +75,9 @@ impl DeadLetters {
         let offset = message.offset().to_string();
         let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
 
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
-            for h in original.iter() {
-                headers = headers.insert(Header { key: h.key, value: h.value });
-            }
-        }
+        // A copy of the original headers, made by librdkafka: header names
+        // need not be UTF-8 to survive.
+        let headers = message.headers().cloned().unwrap_or_default();
         let headers = headers
             .insert(Header { key: header::REASON, value: Some(reason.code()) })
             .insert(Header { key: header::DETAIL, value: Some(detail.as_str()) })

@@ -2,11 +2,13 @@
 //! statistics (emitted every second) and the consume loop's progress.
 //!
 //! Ready means: the issuer's keys are loaded, a broker is connected, the
-//! group has assigned this consumer partitions, and, when those partitions
-//! have lag, some watermark moved within the stall timeout. A consumer
-//! stuck on a transient failure (keys or database unreachable) therefore
-//! turns unready once the stall timeout passes while messages wait.
+//! group has assigned this consumer partitions, and no partition with lag
+//! has gone without progress for the stall timeout. A partition stuck on a
+//! transient failure (keys or database unreachable) therefore turns the
+//! consumer unready once the stall timeout passes while messages wait,
+//! even if its other partitions move.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,6 +17,7 @@ use event_identity::ops::Readiness;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
 use prometheus_client::metrics::gauge::ConstGauge;
+use rdkafka::TopicPartitionList;
 use rdkafka::statistics::Statistics;
 
 /// Statistics older than this mean the Kafka client is not being served.
@@ -34,7 +37,8 @@ struct State {
     brokers_up: usize,
     assigned: i32,
     lag: Vec<PartitionLag>,
-    last_progress: Instant,
+    /// Since when each partition with lag has not moved.
+    still_since: HashMap<(String, i32), Instant>,
 }
 
 /// The consumer's health, fed by the Kafka client and the consume loop.
@@ -57,7 +61,7 @@ impl Health {
             brokers_up: 0,
             assigned: 0,
             lag: Vec::new(),
-            last_progress: Instant::now(),
+            still_since: HashMap::new(),
         };
         Self { state: Mutex::new(state), verifier, stall_timeout }
     }
@@ -75,26 +79,46 @@ impl Health {
             .iter()
             .flat_map(|(topic, t)| {
                 t.partitions.values().filter(|p| p.partition >= 0 && p.desired).map(|p| {
-                    PartitionLag {
-                        topic: topic.clone(),
-                        partition: p.partition,
-                        lag: p.consumer_lag.max(0),
-                    }
+                    // librdkafka reports -1 until an offset is committed:
+                    // then all that is in the partition is still to do.
+                    let lag = match (p.consumer_lag, p.committed_offset, p.hi_offset) {
+                        (lag, _, _) if lag >= 0 => lag,
+                        (_, committed, high) if committed < 0 && high >= 0 => {
+                            high - p.lo_offset.max(0)
+                        }
+                        _ => 0,
+                    };
+                    PartitionLag { topic: topic.clone(), partition: p.partition, lag }
                 })
             })
             .collect();
         lag.sort();
 
         let mut state = self.state();
-        state.statistics_at = Some(Instant::now());
+        let now = Instant::now();
+        state.statistics_at = Some(now);
         state.brokers_up = brokers_up;
         state.assigned = statistics.cgrp.as_ref().map_or(0, |g| g.assignment_size);
+        // The clock of a partition starts when it is first seen with lag.
+        let lagging: Vec<(String, i32)> =
+            lag.iter().filter(|p| p.lag > 0).map(|p| (p.topic.clone(), p.partition)).collect();
+        state.still_since.retain(|key, _| lagging.contains(key));
+        for key in lagging {
+            state.still_since.entry(key).or_insert(now);
+        }
         state.lag = lag;
     }
 
-    /// Records that a watermark moved.
-    pub fn progressed(&self) {
-        self.state().last_progress = Instant::now();
+    /// Records that the watermarks of `moved` moved.
+    pub fn progressed(&self, moved: &TopicPartitionList) {
+        let now = Instant::now();
+        let mut state = self.state();
+        for element in moved.elements() {
+            let key = (element.topic().to_owned(), element.partition());
+            if let Some(since) = state.still_since.get_mut(&key) {
+                *since = now;
+            }
+        }
     }
 }
 
@@ -114,10 +138,18 @@ impl Readiness for Health {
         if state.assigned == 0 {
             return Err("no partitions assigned".into());
         }
-        let lag: i64 = state.lag.iter().map(|p| p.lag).sum();
-        let idle = state.last_progress.elapsed();
-        if lag > 0 && idle > self.stall_timeout {
-            return Err(format!("{lag} messages behind and no progress for {} s", idle.as_secs()));
+        for p in state.lag.iter().filter(|p| p.lag > 0) {
+            let key = (p.topic.clone(), p.partition);
+            let idle = state.still_since.get(&key).map_or(Duration::ZERO, Instant::elapsed);
+            if idle > self.stall_timeout {
+                return Err(format!(
+                    "partition {} of {}: {} messages behind and no progress for {} s",
+                    p.partition,
+                    p.topic,
+                    p.lag,
+                    idle.as_secs()
+                ));
+            }
         }
         Ok(())
     }

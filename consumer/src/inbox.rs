@@ -63,8 +63,17 @@ pub enum HandlerError {
 }
 
 impl From<sqlx::Error> for HandlerError {
+    /// A violated constraint will be violated again: permanent. Anything
+    /// else (connection lost, pool timeout, deadlock) may pass: transient.
     fn from(error: sqlx::Error) -> Self {
-        Self::Transient(format!("database: {error}"))
+        let permanent = error.as_database_error().is_some_and(|e| {
+            use sqlx::error::ErrorKind::*;
+            matches!(e.kind(), UniqueViolation | ForeignKeyViolation | NotNullViolation | CheckViolation)
+        });
+        match permanent {
+            true => Self::Permanent(format!("database: {error}")),
+            false => Self::Transient(format!("database: {error}")),
+        }
     }
 }
 
@@ -290,7 +299,8 @@ async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), 
         let sql = format!(
             "INSERT INTO events (message_id, event_type, source, subject, issuer, token_id,
                 claims, data, kafka_topic, kafka_partition, kafka_offset, received_at)
-             VALUES {}",
+             VALUES {}
+             ON CONFLICT (subject, message_id) DO NOTHING",
             placeholders(chunk.len(), 12)
         );
         let texts: Vec<(String, String, String)> = chunk

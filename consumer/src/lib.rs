@@ -146,6 +146,7 @@ impl ConsumerBuilder {
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", &config.auto_offset_reset)
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", (config.session_timeout_ms / 3).min(3000).to_string())
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "1000")
             .create_with_context(context)

@@ -186,12 +186,25 @@ impl ConsumerContext for GroupContext {
                         tracing::warn!(%error, "committing revoked partitions failed");
                     }
                 }
+                // A pause outlives the assignment in librdkafka: lift it, or
+                // the partition stays stopped when it comes back.
+                if let Err(error) = consumer.resume(partitions) {
+                    tracing::debug!(%error, "resuming revoked partitions failed");
+                }
                 tracing::info!(partitions = partitions.count(), "partitions revoked");
             }
-            Rebalance::Assign(partitions) => {
-                tracing::info!(partitions = partitions.count(), "partitions assigned");
-            }
+            Rebalance::Assign(_) => {}
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            // Nothing is queued for a partition just assigned: never paused.
+            if let Err(error) = consumer.resume(partitions) {
+                tracing::debug!(%error, "resuming assigned partitions failed");
+            }
+            tracing::info!(partitions = partitions.count(), "partitions assigned");
         }
     }
 }

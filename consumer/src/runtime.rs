@@ -128,7 +128,7 @@ impl Runtime {
     fn store_watermarks(&self, consumer: &GroupConsumer) {
         let (moved, resume) = self.assignments.poll(self.max_queued / 2);
         if moved.count() > 0 {
-            self.health.progressed();
+            self.health.progressed(&moved);
             if let Err(error) = consumer.store_offsets(&moved) {
                 tracing::debug!(%error, "storing offsets failed");
             }

@@ -163,10 +163,10 @@ impl Shared {
             Ok(data) => data,
             Err(e) => return reject(e.reason, e.detail),
         };
-        let pairs: Vec<(&str, Option<&[u8]>)> = message
-            .headers()
-            .map(|headers| headers.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
+        let Some(pairs) = header_pairs(message) else {
+            let detail = "a header name is not UTF-8".to_owned();
+            return reject(Rejection::MalformedPayload, detail);
+        };
         let headers = match parse_headers(pairs) {
             Ok(headers) => headers,
             Err(e) => return reject(e.reason, e.detail),
@@ -362,13 +362,24 @@ impl Shared {
     }
 }
 
+/// The record's headers as (name, value) pairs, or `None` when a name is
+/// not UTF-8: rdkafka's header accessors panic on such names, so the panic
+/// is caught here and the record refused, rather than the worker lost.
+fn header_pairs(message: &OwnedMessage) -> Option<Vec<(&str, Option<&[u8]>)>> {
+    let Some(headers) = message.headers() else { return Some(Vec::new()) };
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        headers.iter().map(|h| (h.key, h.value)).collect()
+    }))
+    .ok()
+}
+
 /// What a rejection's log line may name about a record: its `ce_id`, the
 /// `kid` its token claims, and a short hash of the token (never the token),
 /// each `-` when absent. None of them is verified.
 fn identifiers(message: &OwnedMessage) -> (String, String, String) {
+    let pairs = header_pairs(message).unwrap_or_default();
     let header = |name: &str| {
-        let headers = message.headers()?;
-        let value = headers.iter().find(|h| h.key.eq_ignore_ascii_case(name))?.value?;
+        let value = pairs.iter().find(|(key, _)| key.eq_ignore_ascii_case(name))?.1?;
         Some(String::from_utf8_lossy(value).into_owned())
     };
     let id = header("ce_id").map(|id| id.chars().take(64).collect());

@@ -195,6 +195,13 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
             "--kafka-bootstrap",
         ),
         ("event-consumer", consumer(&[("EI_LEEWAY_S", "9999".into())], ""), 2, "--leeway-s"),
+        (
+            "event-consumer",
+            consumer(&[("EI_REQUIRE_CLAIMS", "jti,".into())], ""),
+            2,
+            "--require-claim",
+        ),
+        ("event-consumer", consumer(&[("EI_GROUP", "".into())], ""), 2, "--group"),
         ("event-producer", producer(&[bad_issuer], ""), 1, "--issuer"),
         ("event-producer", producer(&[no_audience], ""), 2, "audience"),
         ("event-producer", producer(&[unreachable], ""), 1, "--kafka-bootstrap"),
