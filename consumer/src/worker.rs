@@ -362,10 +362,13 @@ impl Shared {
     }
 }
 
+/// Header names and values, in record order.
+type HeaderPairs<'a> = Vec<(&'a str, Option<&'a [u8]>)>;
+
 /// The record's headers as (name, value) pairs, or `None` when a name is
 /// not UTF-8: rdkafka's header accessors panic on such names, so the panic
 /// is caught here and the record refused, rather than the worker lost.
-fn header_pairs(message: &OwnedMessage) -> Option<Vec<(&str, Option<&[u8]>)>> {
+fn header_pairs(message: &OwnedMessage) -> Option<HeaderPairs<'_>> {
     let Some(headers) = message.headers() else { return Some(Vec::new()) };
     std::panic::catch_unwind(AssertUnwindSafe(|| {
         headers.iter().map(|h| (h.key, h.value)).collect()
