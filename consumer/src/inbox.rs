@@ -68,7 +68,10 @@ impl From<sqlx::Error> for HandlerError {
     fn from(error: sqlx::Error) -> Self {
         let permanent = error.as_database_error().is_some_and(|e| {
             use sqlx::error::ErrorKind::*;
-            matches!(e.kind(), UniqueViolation | ForeignKeyViolation | NotNullViolation | CheckViolation)
+            matches!(
+                e.kind(),
+                UniqueViolation | ForeignKeyViolation | NotNullViolation | CheckViolation
+            )
         });
         match permanent {
             true => Self::Permanent(format!("database: {error}")),
