@@ -14,7 +14,8 @@
 //! several replicas of one group. Both go through `sqlx`'s `Any` driver so
 //! handlers are written once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -147,6 +148,10 @@ impl Inbox {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
                         conn.execute("PRAGMA synchronous = FULL").await?;
+                        // 16 MiB of page cache (the default is 2 MiB), so
+                        // the tables' upper B-tree pages stay in memory as
+                        // they grow.
+                        conn.execute("PRAGMA cache_size = -16384").await?;
                     }
                     Ok(())
                 })
@@ -223,12 +228,19 @@ impl Inbox {
 
         let mut tx = self.pool.begin().await?;
         let processed_at = now_text();
-        let mut inserted = HashSet::new();
+        // Candidates by key, to find each inserted row's event without
+        // copying keys.
+        let index: HashMap<(&str, Uuid), usize> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, e)| ((e.claims.subject.as_str(), e.id), i))
+            .collect();
+        let mut new = vec![false; candidates.len()];
         for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO inbox (subject, message_id, event_type, processed_at) VALUES {}
                  ON CONFLICT (subject, message_id) DO NOTHING RETURNING subject, message_id",
-                placeholders(chunk.len(), 4)
+                placeholders(tx.backend_name(), chunk.len(), 4)
             );
             let mut insert = sqlx::query(AssertSqlSafe(sql));
             for event in chunk {
@@ -239,23 +251,25 @@ impl Inbox {
                     .bind(&processed_at);
             }
             for row in insert.fetch_all(&mut *tx).await? {
-                let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
-                inserted.insert(key);
+                let subject: &str = row.try_get(0)?;
+                let id: &str = row.try_get(1)?;
+                let found = Uuid::parse_str(id).ok().and_then(|id| index.get(&(subject, id)));
+                if let Some(&i) = found {
+                    new[i] = true;
+                }
             }
         }
 
-        let is_new = |event: &Event| {
-            inserted.contains(&(event.claims.subject.clone(), event.id.to_string()))
-        };
-        let fresh: Vec<&Event> = candidates.iter().copied().filter(|e| is_new(e)).collect();
+        let fresh: Vec<&Event> =
+            candidates.iter().zip(&new).filter(|(_, new)| **new).map(|(e, _)| *e).collect();
         // On error the transaction is dropped, which rolls it back.
         handler.handle_batch(&fresh, &mut tx).await?;
         tx.commit().await?;
 
-        let outcomes = events
-            .iter()
-            .zip(first)
-            .map(|(event, first)| match first && is_new(event) {
+        let mut new = new.into_iter();
+        let outcomes = first
+            .into_iter()
+            .map(|first| match first && new.next().unwrap_or(false) {
                 true => InboxOutcome::Processed,
                 false => InboxOutcome::Duplicate,
             })
@@ -304,14 +318,11 @@ async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), 
                 claims, data, kafka_topic, kafka_partition, kafka_offset, received_at)
              VALUES {}
              ON CONFLICT (subject, message_id) DO NOTHING",
-            placeholders(chunk.len(), 12)
+            placeholders(tx.backend_name(), chunk.len(), 12)
         );
         let texts: Vec<(String, String, String)> = chunk
             .iter()
-            .map(|e| {
-                let claims = Value::Object(e.claims.claims.clone()).to_string();
-                (e.id.to_string(), claims, e.data.to_string())
-            })
+            .map(|e| (e.id.to_string(), json_text(&e.claims.claims), e.data.to_string()))
             .collect();
         let mut insert = sqlx::query(AssertSqlSafe(sql));
         for (event, (id, claims, data)) in chunk.iter().zip(&texts) {
@@ -338,13 +349,34 @@ async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), 
 /// SQLite and PostgreSQL allow in one statement.
 const ROWS_PER_STATEMENT: usize = 64;
 
-/// `($1, $2), ($3, $4), ...` for `rows` rows of `columns` values.
-fn placeholders(rows: usize, columns: usize) -> String {
-    let row = |r: usize| {
-        let values: Vec<String> = (1..=columns).map(|c| format!("${}", r * columns + c)).collect();
-        format!("({})", values.join(", "))
-    };
-    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+/// `(?, ?), (?, ?), ...` (SQLite) or `($1, $2), ($3, $4), ...` (others)
+/// for `rows` rows of `columns` values. SQLite gets anonymous parameters:
+/// sqlx looks each numbered one up by name, which SQLite does by a linear
+/// scan, so numbered ones cost time quadratic in their count.
+fn placeholders(backend: &str, rows: usize, columns: usize) -> String {
+    let sqlite = backend.eq_ignore_ascii_case("sqlite");
+    let mut sql = String::with_capacity(rows * columns * 6);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 1..=columns {
+            if c > 1 {
+                sql.push_str(", ");
+            }
+            match sqlite {
+                true => sql.push('?'),
+                false => {
+                    let _ = write!(sql, "${}", r * columns + c);
+                }
+            }
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// A JSON object as text.
+fn json_text(map: &serde_json::Map<String, Value>) -> String {
+    serde_json::to_string(map).unwrap_or_else(|_| "{}".to_owned())
 }
 
 /// Times are stored as fixed-width UTC text (microseconds), so that text
@@ -469,6 +501,13 @@ mod tests {
         assert_eq!(inbox.purge(Duration::from_secs(3600)).await.unwrap(), 1);
         assert_eq!(count(&inbox, "inbox").await, 1);
         assert_eq!(inbox.purge(Duration::from_secs(3600)).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn sqlite_gets_anonymous_parameters_and_others_numbered_ones() {
+        assert_eq!(placeholders("SQLite", 2, 3), "(?, ?, ?), (?, ?, ?)");
+        assert_eq!(placeholders("PostgreSQL", 2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders("PostgreSQL", 1, 1), "($1)");
     }
 
     #[test]

@@ -149,6 +149,9 @@ impl ConsumerBuilder {
             .set("heartbeat.interval.ms", (config.session_timeout_ms / 3).min(3000).to_string())
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "1000")
+            // librdkafka fetches ahead up to 64 MiB by default; the workers'
+            // queues already hold --max-queued-per-partition records each.
+            .set("queued.max.messages.kbytes", FETCH_QUEUE_KBYTES.to_string())
             .create_with_context(context)
             .context("--kafka-bootstrap: cannot create the Kafka consumer")?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -183,6 +186,8 @@ impl ConsumerBuilder {
             dead_letters,
             max_backoff: config.max_retry_backoff(),
             batch_size: config.batch_size as usize,
+            resume_at: config.max_queued_per_partition as usize / 2,
+            drained: tokio::sync::Notify::new(),
             stats,
             verification_seconds,
             handler_seconds,
@@ -201,6 +206,9 @@ impl ConsumerBuilder {
         Ok(EventConsumer { consumer, runtime, purge, ops })
     }
 }
+
+/// What librdkafka may hold of fetched records not yet handed over, in KiB.
+const FETCH_QUEUE_KBYTES: u32 = 16 * 1024;
 
 /// How long a broker has to answer at start.
 const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,7 +10,7 @@
 //! finishes later is never committed by this consumer. The new owner reads
 //! from the committed watermark and the inbox absorbs any repeat.
 
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
@@ -29,11 +29,17 @@ pub(crate) struct Progress {
     next_offset: AtomicI64,
     /// Messages handed to the worker and not settled yet.
     queued: AtomicUsize,
+    /// Whether the consume loop paused the partition for a full queue.
+    paused: AtomicBool,
 }
 
 impl Default for Progress {
     fn default() -> Self {
-        Self { next_offset: AtomicI64::new(-1), queued: AtomicUsize::new(0) }
+        Self {
+            next_offset: AtomicI64::new(-1),
+            queued: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+        }
     }
 }
 
@@ -53,8 +59,14 @@ impl Progress {
         self.next_offset.load(Ordering::Acquire)
     }
 
-    fn queued(&self) -> usize {
+    /// Messages handed to the worker and not settled yet.
+    pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// Whether the partition is paused and waits for its queue to drain.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
     }
 }
 
@@ -68,7 +80,6 @@ pub(crate) struct Slot {
     pub halt: CancellationToken,
     /// The last offset handed to librdkafka's offset store.
     stored: i64,
-    paused: bool,
 }
 
 impl Slot {
@@ -86,7 +97,6 @@ impl Slot {
             sender,
             halt,
             stored: -1,
-            paused: false,
         };
         (slot, progress)
     }
@@ -95,11 +105,7 @@ impl Slot {
     /// just reached `high` and the partition should be paused.
     pub fn enqueued(&mut self, high: usize) -> bool {
         let queued = self.progress.queued.fetch_add(1, Ordering::AcqRel) + 1;
-        if !self.paused && queued >= high {
-            self.paused = true;
-            return true;
-        }
-        false
+        queued >= high && !self.progress.paused.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -128,8 +134,8 @@ impl Assignments {
                     slot.stored = next;
                 }
             }
-            if slot.paused && slot.progress.queued() <= low {
-                slot.paused = false;
+            if slot.progress.paused() && slot.progress.queued() <= low {
+                slot.progress.paused.store(false, Ordering::Release);
                 resume.add_partition(&slot.topic, slot.partition);
             }
         }

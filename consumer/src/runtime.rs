@@ -32,7 +32,7 @@ pub(crate) struct Runtime {
     pub assignments: Arc<Assignments>,
     pub health: Arc<Health>,
     /// A partition is paused when this many messages wait for its worker,
-    /// and resumed when half have settled.
+    /// and resumed when they are down to `shared.resume_at`.
     pub max_queued: usize,
     /// How long in-flight messages may take to finish after a stop.
     pub shutdown_timeout: Duration,
@@ -50,6 +50,7 @@ impl Runtime {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => self.store_watermarks(consumer),
+                _ = self.shared.drained.notified() => self.store_watermarks(consumer),
                 Some(joined) = workers.join_next(), if !workers.is_empty() => {
                     if let Err(error) = joined {
                         // Its partition stops moving (and /readyz says so)
@@ -126,7 +127,7 @@ impl Runtime {
     /// Stores watermarks that moved (librdkafka commits them in the
     /// background and on revocation) and resumes drained partitions.
     fn store_watermarks(&self, consumer: &GroupConsumer) {
-        let (moved, resume) = self.assignments.poll(self.max_queued / 2);
+        let (moved, resume) = self.assignments.poll(self.shared.resume_at);
         if moved.count() > 0 {
             self.health.progressed(&moved);
             if let Err(error) = consumer.store_offsets(&moved) {

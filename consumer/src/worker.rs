@@ -25,7 +25,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::Message as _;
 use rdkafka::message::{Headers as _, OwnedMessage};
 use sqlx::AnyConnection;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::dead_letter::DeadLetters;
@@ -43,6 +43,11 @@ pub(crate) struct Shared {
     pub dead_letters: DeadLetters,
     pub max_backoff: Duration,
     pub batch_size: usize,
+    /// A paused partition is resumed when its queue is down to this.
+    pub resume_at: usize,
+    /// Woken when a paused partition's queue is down to `resume_at`, so
+    /// the consume loop resumes it at once.
+    pub drained: Notify,
     pub stats: Arc<Stats>,
     /// Seconds per token verification (cache hits included).
     pub verification_seconds: Histogram,
@@ -83,7 +88,12 @@ pub(crate) async fn run(
         }
 
         match shared.settle_batch(&batch, &halt).await {
-            Some(next_offset) => progress.settled(next_offset, received),
+            Some(next_offset) => {
+                progress.settled(next_offset, received);
+                if progress.paused() && progress.queued() <= shared.resume_at {
+                    shared.drained.notify_one();
+                }
+            }
             None => {
                 progress.abandoned(received);
                 return;
