@@ -148,7 +148,7 @@ pub enum Variant {
     /// (a) A plain rdkafka `StreamConsumer` that only counts messages.
     Plain,
     /// (b) The secure consumer with a handler that does nothing; its inbox
-    /// markers go to an in-memory SQLite database.
+    /// markers go to a SQLite file.
     SecureNoop,
     /// (c) The secure consumer with the default handler (`RecordEvents`)
     /// and a SQLite inbox file.

@@ -172,7 +172,7 @@ fn number(value: f64) -> String {
 fn describe(variant: Variant) -> &'static str {
     match variant {
         Variant::Plain => "(a) plain StreamConsumer, counts only",
-        Variant::SecureNoop => "(b) secure, no-op handler, in-memory SQLite markers",
+        Variant::SecureNoop => "(b) secure, no-op handler, SQLite file markers",
         Variant::SecureSqlite => "(c) secure, RecordEvents, SQLite file inbox",
         Variant::SecurePostgres => "(d) secure, RecordEvents, PostgreSQL inbox",
     }
@@ -233,15 +233,10 @@ impl Report {
                     continue;
                 };
                 let r = large / small;
-                let note = if result.variant == Variant::SecureNoop {
-                    " (its in-memory inbox holds every marker: growth expected)"
-                } else {
-                    ""
-                };
                 targets.push(Target {
                     goal: format!(
                         "{} {} peak memory flat from {} to {} events \
-                         (≤ {FLAT_MEMORY_RATIO}×){note}",
+                         (≤ {FLAT_MEMORY_RATIO}×)",
                         result.variant.label(),
                         result.variant.name(),
                         number(first.size as f64),

@@ -203,8 +203,9 @@ async fn measure_consumer(
     let sqlite_dir = tempfile::tempdir().context("a folder for the SQLite inbox")?;
     let database_url = match variant {
         Variant::Plain => None,
-        Variant::SecureNoop => Some("sqlite::memory:".to_owned()),
-        Variant::SecureSqlite => Some(sqlite_url(&sqlite_dir.path().join("inbox.db"))),
+        Variant::SecureNoop | Variant::SecureSqlite => {
+            Some(sqlite_url(&sqlite_dir.path().join("inbox.db")))
+        }
         Variant::SecurePostgres => Some(workload::create_database(postgres).await?),
     };
     if let Some(url) = &database_url {

@@ -207,7 +207,7 @@ async fn verifier_without_cache(issuer: &DevIssuer) -> anyhow::Result<Verifier> 
     verifier(issuer, 0).await
 }
 
-fn event(offset: i64, claims: VerifiedClaims, data: Value) -> Event {
+fn event(offset: i64, claims: Arc<VerifiedClaims>, data: Value) -> Event {
     Event {
         id: uuid::Uuid::now_v7(),
         event_type: EVENT_TYPE.to_owned(),

@@ -18,6 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use event_identity::VerifiedClaims;
@@ -42,8 +43,9 @@ pub struct Event {
     pub time: Option<String>,
     /// The event data.
     pub data: Value,
-    /// The verified claims of the event token: who asked for this work.
-    pub claims: VerifiedClaims,
+    /// The verified claims of the event token: who asked for this work
+    /// (shared with the verifier's cache).
+    pub claims: Arc<VerifiedClaims>,
     /// Where the record was read.
     pub topic: String,
     /// Kafka partition.
@@ -404,7 +406,7 @@ mod tests {
             source: "urn:test".to_owned(),
             time: None,
             data: json!({"n": n as u64}),
-            claims: VerifiedClaims {
+            claims: Arc::new(VerifiedClaims {
                 subject: subject.to_owned(),
                 issuer: "https://issuer.test".to_owned(),
                 audience: vec!["order-consumer".to_owned()],
@@ -414,7 +416,7 @@ mod tests {
                 token_id: None,
                 key_id: "k1".to_owned(),
                 claims: serde_json::Map::new(),
-            },
+            }),
             topic: "t".to_owned(),
             partition: 0,
             offset: n as i64,

@@ -220,7 +220,7 @@ impl EventTokens {
         user: &VerifiedClaims,
         route: &EventRoute,
         now: SystemTime,
-    ) -> Result<VerifiedClaims, EventTokenError> {
+    ) -> Result<Arc<VerifiedClaims>, EventTokenError> {
         let verifier = self
             .verifier
             .for_audience(&route.audience)

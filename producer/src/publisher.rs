@@ -204,7 +204,7 @@ impl Publisher {
     pub async fn authenticate(
         &self,
         token: Option<&str>,
-    ) -> Result<(Secret, VerifiedClaims), PublishError> {
+    ) -> Result<(Secret, Arc<VerifiedClaims>), PublishError> {
         let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
             PublishError::Unauthenticated(VerifyError::Rejected {
                 reason: Rejection::MissingToken,

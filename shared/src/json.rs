@@ -2,7 +2,6 @@
 //! reader, so a member name that appears twice in any object is an error
 //! rather than "the last one wins" (or, in another parser, the first).
 
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -72,10 +71,9 @@ impl<'de> Visitor<'de> for Strict {
 
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
         let mut map = Map::new();
-        let mut seen = HashSet::new();
         while let Some(key) = access.next_key::<String>()? {
             let value = access.next_value_seed(Strict)?;
-            if !seen.insert(key.clone()) {
+            if map.contains_key(&key) {
                 return Err(serde::de::Error::custom(format!("duplicate member {key:?}")));
             }
             map.insert(key, value);

@@ -222,7 +222,7 @@ struct VerifiedCache {
 }
 
 struct Cached {
-    claims: VerifiedClaims,
+    claims: Arc<VerifiedClaims>,
     /// `exp` plus leeway: the entry is dead from then on.
     valid_until: f64,
     /// The key-set generation it was verified under.
@@ -234,7 +234,7 @@ impl VerifiedCache {
         Self { capacity, entries: Mutex::new(HashMap::new()) }
     }
 
-    fn get(&self, hash: &[u8; 32], now: f64, generation: u64) -> Option<VerifiedClaims> {
+    fn get(&self, hash: &[u8; 32], now: f64, generation: u64) -> Option<Arc<VerifiedClaims>> {
         if self.capacity == 0 {
             return None;
         }
@@ -304,16 +304,17 @@ impl Verifier {
     }
 
     /// Verifies `token` against the current time.
-    pub async fn verify(&self, token: &str) -> Result<VerifiedClaims, VerifyError> {
+    pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedClaims>, VerifyError> {
         self.verify_at(token, SystemTime::now()).await
     }
 
-    /// Verifies `token` as if the time were `now`.
+    /// Verifies `token` as if the time were `now`. The claims are shared
+    /// with the cache of verified tokens, so a cache hit copies nothing.
     pub async fn verify_at(
         &self,
         token: &str,
         now: SystemTime,
-    ) -> Result<VerifiedClaims, VerifyError> {
+    ) -> Result<Arc<VerifiedClaims>, VerifyError> {
         let parts = split_token(token, self.config.max_token_bytes)?;
         let now = unix_secs(now);
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
@@ -359,7 +360,7 @@ impl Verifier {
         }
 
         let claims = parse_object(parts.payload, "payload")?;
-        let claims = self.check_claims(claims, header.kid, now)?;
+        let claims = Arc::new(self.check_claims(claims, header.kid, now)?);
         let valid_until = claims.expires_at as f64 + self.config.leeway.as_secs_f64();
         let cached = Cached { claims: claims.clone(), valid_until, generation };
         self.cache.put(hash, cached, now);
