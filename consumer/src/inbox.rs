@@ -161,7 +161,7 @@ impl Inbox {
             .connect_with(options)
             .await?;
         let inbox = Self { pool };
-        inbox.create_tables().await?;
+        inbox.create_tables(sqlite).await?;
         Ok(inbox)
     }
 
@@ -170,16 +170,20 @@ impl Inbox {
         &self.pool
     }
 
-    async fn create_tables(&self) -> Result<(), sqlx::Error> {
-        for statement in [
+    async fn create_tables(&self, sqlite: bool) -> Result<(), sqlx::Error> {
+        // In SQLite the markers' table is keyed by its primary key alone
+        // (no rowid), so a marker is one B-tree insert rather than two.
+        let inbox = format!(
             "CREATE TABLE IF NOT EXISTS inbox (
                 subject TEXT NOT NULL,
                 message_id TEXT NOT NULL,
                 event_type TEXT NOT NULL,
                 processed_at TEXT NOT NULL,
                 PRIMARY KEY (subject, message_id)
-            )",
-            "CREATE TABLE IF NOT EXISTS events (
+            ){}",
+            if sqlite { " WITHOUT ROWID" } else { "" }
+        );
+        let events = "CREATE TABLE IF NOT EXISTS events (
                 message_id TEXT NOT NULL,
                 event_type TEXT NOT NULL,
                 source TEXT NOT NULL,
@@ -193,9 +197,9 @@ impl Inbox {
                 kafka_offset BIGINT NOT NULL,
                 received_at TEXT NOT NULL,
                 PRIMARY KEY (subject, message_id)
-            )",
-        ] {
-            self.pool.execute(statement).await?;
+            )";
+        for statement in [inbox, events.to_owned()] {
+            self.pool.execute(AssertSqlSafe(statement)).await?;
         }
         Ok(())
     }
