@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use event_identity::Secret;
+use event_identity::contract::topic_name;
 use event_identity::exchange::ClientAuth;
 use jsonwebtoken::{Algorithm, EncodingKey};
 
@@ -127,22 +128,15 @@ pub struct ProducerConfig {
     #[arg(long, env = "EI_HTTP_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=120_000))]
     pub http_timeout_ms: u64,
 
-    /// Largest request body accepted, in bytes; larger bodies get 413.
-    #[arg(long, env = "EI_MAX_BODY_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..=67_108_864))]
+    /// Largest request body accepted, in bytes; larger bodies get 413. At
+    /// most 960,000: a record also carries its headers and token, and
+    /// Kafka's default record limit is about 1 MB.
+    #[arg(long, env = "EI_MAX_BODY_BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..=960_000))]
     pub max_body_bytes: u64,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "EI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
-}
-
-/// A Kafka topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
-pub fn topic_name(name: &str) -> Result<String, String> {
-    let legal = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if name.is_empty() || name.len() > 249 || !legal || name == "." || name == ".." {
-        return Err(format!("{name:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"));
-    }
-    Ok(name.to_owned())
 }
 
 fn non_empty_secret(value: &str) -> Result<Secret, String> {

@@ -10,6 +10,7 @@ use event_identity::discovery::resolve;
 use event_identity::exchange::{ExchangeConfig, ExchangeError, TokenExchanger};
 use event_identity::{Rejection, Secret, VerifiedClaims, Verifier, VerifierConfig, VerifyError};
 use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use serde_json::Value;
@@ -256,7 +257,8 @@ impl Publisher {
             other => PublishError::TokenExchange(other.to_string()),
         })?;
 
-        let id = self.message_ids.derive(&user.subject, request.idempotency_key.as_deref());
+        let key = request.idempotency_key.as_deref();
+        let id = self.message_ids.derive(&user.subject, &route.event_type, key);
         let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
         let id_text = id.to_string();
         let authorization = format!("Bearer {}", event_token.expose());
@@ -274,8 +276,15 @@ impl Publisher {
             FutureRecord::to(&self.topic).key(&request.key).payload(&payload).headers(headers);
 
         let delivery =
-            self.producer.send(record, self.delivery_timeout).await.map_err(|(e, _)| {
-                PublishError::Unavailable(format!("Kafka did not acknowledge the record: {e}"))
+            self.producer.send(record, self.delivery_timeout).await.map_err(|(e, _)| match e {
+                // Too large for this producer or for the topic: a retry
+                // cannot help, so it is the client's 413, not a 503.
+                KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    PublishError::PayloadTooLarge
+                }
+                e => {
+                    PublishError::Unavailable(format!("Kafka did not acknowledge the record: {e}"))
+                }
             })?;
         self.published.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(

@@ -53,9 +53,10 @@ pub const CONTENT_TYPE: &str = "application/json";
 ///
 /// Without an `Idempotency-Key` a message ID is a UUID v7. With one, it is
 /// a UUID v8 made from an HMAC-SHA256, under this producer's secret, of the
-/// user's subject and the key: a retried request yields the same ID, two
-/// users' keys never collide, and nobody without the secret can predict an
-/// ID and publish a record under it first.
+/// user's subject, the event type and the key: a retried request yields the
+/// same ID, two users' keys never collide, one key used for two event types
+/// (an order created, then cancelled) gives two IDs, and nobody without the
+/// secret can predict an ID and publish a record under it first.
 #[derive(Clone)]
 pub struct MessageIds {
     secret: Secret,
@@ -67,16 +68,18 @@ impl MessageIds {
         Self { secret }
     }
 
-    /// The message ID of a new event of `subject`.
-    pub fn derive(&self, subject: &str, idempotency_key: Option<&str>) -> Uuid {
+    /// The message ID of a new event of `event_type` by `subject`.
+    pub fn derive(&self, subject: &str, event_type: &str, idempotency_key: Option<&str>) -> Uuid {
         let Some(key) = idempotency_key else {
             return Uuid::now_v7();
         };
         let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose().as_bytes())
             .expect("HMAC takes keys of any length");
         // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
-        mac.update(&(subject.len() as u64).to_be_bytes());
-        mac.update(subject.as_bytes());
+        for part in [subject, event_type] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part.as_bytes());
+        }
         mac.update(key.as_bytes());
         let digest = mac.finalize().into_bytes();
         let mut bytes = [0u8; 16];
@@ -130,12 +133,15 @@ pub fn parse_headers<'a>(
         }
     }
     let text = |name: &'static str| -> Result<Option<&'a str>, ContractError> {
-        found
-            .get(name)
-            .map(|v| {
-                std::str::from_utf8(v).map_err(|_| malformed(format!("header {name} is not UTF-8")))
-            })
-            .transpose()
+        let Some(value) = found.get(name) else { return Ok(None) };
+        let value = std::str::from_utf8(value)
+            .map_err(|_| malformed(format!("header {name} is not UTF-8")))?;
+        // CloudEvents strings exclude control characters; a NUL in one
+        // would also be refused by PostgreSQL on every retry.
+        if value.chars().any(char::is_control) {
+            return Err(malformed(format!("header {name} holds a control character")));
+        }
+        Ok(Some(value))
     };
     let required = |name: &'static str| -> Result<&'a str, ContractError> {
         text(name)?
@@ -170,6 +176,15 @@ pub fn parse_headers<'a>(
         }
     }
     Ok(IncomingHeaders { id, event_type, source, time, token: Secret::new(token) })
+}
+
+/// A Kafka topic name: 1 to 249 of `a-z A-Z 0-9 . _ -`, not `.` or `..`.
+pub fn topic_name(name: &str) -> Result<String, String> {
+    let legal = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if name.is_empty() || name.len() > 249 || !legal || name == "." || name == ".." {
+        return Err(format!("{name:?} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"));
+    }
+    Ok(name.to_owned())
 }
 
 /// Parses the record value as the event's JSON data.
@@ -247,6 +262,17 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_in_a_header_are_malformed_payload() {
+        for (index, value) in [(3, "/evil\u{0}source"), (2, "type\nx"), (3, "/s\u{85}")] {
+            let mut headers = valid();
+            headers[index].1 = Some(value.as_bytes());
+            let err = parse_headers(headers).err().unwrap();
+            assert_eq!(err.reason, Rejection::MalformedPayload, "{value:?}");
+            assert!(err.detail.contains("control character"), "{}", err.detail);
+        }
+    }
+
+    #[test]
     fn non_json_data_is_malformed_payload() {
         let err = parse_data(Some(&[0xFF, 0xFE, 0x00])).unwrap_err();
         assert_eq!(err.reason, Rejection::MalformedPayload);
@@ -254,22 +280,26 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_keys_give_stable_per_user_ids() {
+    fn idempotency_keys_give_stable_per_user_and_type_ids() {
         let ids = MessageIds::new(Secret::new("producer-secret"));
-        let a = ids.derive("user-1", Some("key-1"));
-        assert_eq!(a, ids.derive("user-1", Some("key-1")));
-        assert_ne!(a, ids.derive("user-2", Some("key-1")));
-        assert_ne!(a, ids.derive("user-1", Some("key-2")));
-        assert_ne!(ids.derive("ab", Some("c")), ids.derive("a", Some("bc")));
+        let a = ids.derive("user-1", "created", Some("key-1"));
+        assert_eq!(a, ids.derive("user-1", "created", Some("key-1")));
+        assert_ne!(a, ids.derive("user-2", "created", Some("key-1")));
+        assert_ne!(a, ids.derive("user-1", "created", Some("key-2")));
+        assert_ne!(a, ids.derive("user-1", "cancelled", Some("key-1")));
+        assert_ne!(ids.derive("ab", "t", Some("c")), ids.derive("a", "bt", Some("c")));
+        assert_ne!(ids.derive("u", "ab", Some("c")), ids.derive("u", "a", Some("bc")));
         assert_eq!(a.get_version_num(), 8);
-        assert_eq!(ids.derive("user-1", None).get_version_num(), 7);
+        assert_eq!(ids.derive("user-1", "created", None).get_version_num(), 7);
     }
 
     #[test]
     fn ids_cannot_be_predicted_without_the_secret() {
         let ours = MessageIds::new(Secret::new("producer-secret"));
         let guess = MessageIds::new(Secret::new("another-secret"));
-        assert_ne!(ours.derive("user-1", Some("order-2")), guess.derive("user-1", Some("order-2")));
+        let (ours, guess) =
+            (ours.derive("u", "t", Some("o-2")), guess.derive("u", "t", Some("o-2")));
+        assert_ne!(ours, guess);
     }
 
     #[test]
