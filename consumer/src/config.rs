@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use clap::builder::NonEmptyStringValueParser;
+use event_identity::contract::topic_name;
 
 use crate::routes::RouteSpec;
 
@@ -27,11 +28,12 @@ pub struct ConsumerConfig {
     pub group: String,
 
     /// Topics to consume, comma-separated.
-    #[arg(long = "topic", env = "EI_TOPICS", value_delimiter = ',', default_value = "events", value_parser = NonEmptyStringValueParser::new())]
+    #[arg(long = "topic", env = "EI_TOPICS", value_delimiter = ',', default_value = "events", value_parser = topic_name)]
     pub topics: Vec<String>,
 
-    /// Topic that rejected messages are written to, with their reason.
-    #[arg(long, env = "EI_DEAD_LETTER_TOPIC", default_value = "events.dead-letter", value_parser = NonEmptyStringValueParser::new())]
+    /// Topic that rejected messages are written to, with their reason;
+    /// never one of the consumed topics.
+    #[arg(long, env = "EI_DEAD_LETTER_TOPIC", default_value = "events.dead-letter", value_parser = topic_name)]
     pub dead_letter_topic: String,
 
     /// The authorization server's issuer identifier (exact `iss`).

@@ -66,20 +66,34 @@ pub enum HandlerError {
 }
 
 impl From<sqlx::Error> for HandlerError {
-    /// A violated constraint will be violated again: permanent. Anything
-    /// else (connection lost, pool timeout, deadlock) may pass: transient.
+    /// An error about this row will be raised again on every retry:
+    /// permanent. Anything else (connection lost, pool timeout, deadlock,
+    /// disk full) may pass: transient.
     fn from(error: sqlx::Error) -> Self {
-        let permanent = error.as_database_error().is_some_and(|e| {
-            use sqlx::error::ErrorKind::*;
-            matches!(
-                e.kind(),
-                UniqueViolation | ForeignKeyViolation | NotNullViolation | CheckViolation
-            )
-        });
-        match permanent {
+        match error.as_database_error().is_some_and(refuses_the_row) {
             true => Self::Permanent(format!("database: {error}")),
             false => Self::Transient(format!("database: {error}")),
         }
+    }
+}
+
+/// Whether the database refused these values rather than failed: a
+/// violated constraint; in PostgreSQL a data exception (class 22: a NUL
+/// in text, a value out of range) or a program limit (class 54: a key
+/// too large for its index); in SQLite a value too big, of the wrong type
+/// or out of range (codes 18, 20, 25).
+fn refuses_the_row(error: &dyn sqlx::error::DatabaseError) -> bool {
+    use sqlx::error::ErrorKind::*;
+    if matches!(
+        error.kind(),
+        UniqueViolation | ForeignKeyViolation | NotNullViolation | CheckViolation
+    ) {
+        return true;
+    }
+    match error.code().as_deref() {
+        Some(code) if code.len() == 5 => code.starts_with("22") || code.starts_with("54"),
+        Some(code) => matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(18 | 20 | 25)),
+        None => false,
     }
 }
 

@@ -83,6 +83,13 @@ impl ConsumerBuilder {
     /// and subscribes. Errors name the setting at fault.
     pub async fn build(self) -> anyhow::Result<EventConsumer> {
         let config = self.config;
+        if config.topics.contains(&config.dead_letter_topic) {
+            anyhow::bail!(
+                "--dead-letter-topic: {:?} is also consumed (--topic): every rejected record \
+                 would come back and be rejected again",
+                config.dead_letter_topic
+            );
+        }
         let handler: Arc<dyn Handler> = match (self.handler, &config.forward_url) {
             (Some(handler), _) => handler,
             (None, Some(url)) => {
@@ -291,6 +298,11 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
     tracing::info!(bootstrap = %config.kafka_bootstrap, brokers, "Kafka reachable");
     let consumer = ConsumerBuilder::new(config).build().await?;
+    let dead_letters = &consumer.runtime.shared.dead_letters;
+    dead_letters
+        .check_topic(KAFKA_CHECK_TIMEOUT)
+        .await
+        .map_err(|e| anyhow::anyhow!("--dead-letter-topic: {e}"))?;
     let stop = CancellationToken::new();
     let trigger = stop.clone();
     tokio::spawn(async move {
@@ -301,12 +313,52 @@ pub async fn run(
     Ok(())
 }
 
-/// A database URL without its password, for messages.
-fn redact_url(url: &str) -> String {
-    let redacted = url.split_once("://").and_then(|(scheme, rest)| {
-        let (userinfo, host) = rest.split_once('@')?;
-        let user = userinfo.split(':').next().unwrap_or_default();
-        Some(format!("{scheme}://{user}:***@{host}"))
-    });
-    redacted.unwrap_or_else(|| url.to_owned())
+/// A database URL without its password or any query parameter that may
+/// hold one, for messages; only the scheme if it does not parse.
+fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        let scheme = raw.split(':').next().unwrap_or_default();
+        return format!("{scheme}:(unparsable URL, not shown)");
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    let secret = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        ["pass", "secret", "token", "key"].iter().any(|s| name.contains(s))
+    };
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(name, value)| {
+            let value = if secret(&name) { "***".into() } else { value.into_owned() };
+            (name.into_owned(), value)
+        })
+        .collect();
+    if !pairs.is_empty() {
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn database_urls_lose_every_password() {
+        for (url, shown) in [
+            ("postgres://events:s3cret@db:5432/inbox", "postgres://events:***@db:5432/inbox"),
+            ("postgres://events:p@ssHUNTER2@db/x", "postgres://events:***@db/x"),
+            (
+                "postgres://events@db/x?password=hunter2&sslmode=require",
+                "postgres://events@db/x?password=***&sslmode=require",
+            ),
+            ("postgres://db/x?sslpassword=k3y", "postgres://db/x?sslpassword=***"),
+            ("sqlite://inbox.db?mode=rwc", "sqlite://inbox.db?mode=rwc"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("postgres://us er:pw@[bad/x", "postgres:(unparsable URL, not shown)"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
 }

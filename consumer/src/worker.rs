@@ -23,12 +23,12 @@ use futures_util::FutureExt as _;
 use futures_util::future::join_all;
 use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::Message as _;
-use rdkafka::message::{Headers as _, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use sqlx::AnyConnection;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::dead_letter::DeadLetters;
+use crate::dead_letter::{DeadLetters, HeaderPairs, read_headers};
 use crate::inbox::{Event, Handler, HandlerError, HandlerFuture, Inbox, InboxOutcome};
 use crate::partitions::Progress;
 use crate::routes::Routes;
@@ -372,18 +372,11 @@ impl Shared {
     }
 }
 
-/// Header names and values, in record order.
-type HeaderPairs<'a> = Vec<(&'a str, Option<&'a [u8]>)>;
-
 /// The record's headers as (name, value) pairs, or `None` when a name is
-/// not UTF-8: rdkafka's header accessors panic on such names, so the panic
-/// is caught here and the record refused, rather than the worker lost.
+/// not UTF-8 (such a record is refused rather than read in part).
 fn header_pairs(message: &OwnedMessage) -> Option<HeaderPairs<'_>> {
-    let Some(headers) = message.headers() else { return Some(Vec::new()) };
-    std::panic::catch_unwind(AssertUnwindSafe(|| {
-        headers.iter().map(|h| (h.key, h.value)).collect()
-    }))
-    .ok()
+    let (pairs, unreadable) = read_headers(message);
+    (!unreadable).then_some(pairs)
 }
 
 /// What a rejection's log line may name about a record: its `ce_id`, the

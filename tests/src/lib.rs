@@ -109,18 +109,29 @@ fn admin() -> AdminClient<DefaultClientContext> {
 /// A new, uniquely named topic with `partitions` partitions, and its
 /// dead-letter topic.
 pub async fn fresh_topic(partitions: i32) -> String {
+    fresh_topic_with(partitions, &[]).await
+}
+
+/// [`fresh_topic`] with topic `settings` (such as `max.message.bytes`) on
+/// the topic itself.
+pub async fn fresh_topic_with(partitions: i32, settings: &[(&str, &str)]) -> String {
     let name = format!("test-{}", uuid::Uuid::new_v4().simple());
-    let dead = dead_letter_topic(&name);
-    let topics = [
-        NewTopic::new(&name, partitions, TopicReplication::Fixed(1)),
-        NewTopic::new(&dead, 1, TopicReplication::Fixed(1)),
-    ];
+    create_topic(&name, partitions, settings).await;
+    create_topic(&dead_letter_topic(&name), 1, &[]).await;
+    name
+}
+
+/// Creates topic `name` with `partitions` and topic `settings`.
+pub async fn create_topic(name: &str, partitions: i32, settings: &[(&str, &str)]) {
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in settings {
+        topic = topic.set(key, value);
+    }
     let results =
-        admin().create_topics(&topics, &AdminOptions::new()).await.expect("create topics");
+        admin().create_topics([&topic], &AdminOptions::new()).await.expect("create topics");
     for result in results {
         result.expect("topic created");
     }
-    name
 }
 
 /// The dead-letter topic the test consumers use for `topic`.
@@ -470,24 +481,68 @@ pub async fn write_record_at(
     token: Option<&str>,
     value: &[u8],
 ) {
+    let authorization = token.map(|t| format!("Bearer {t}"));
+    let headers = contract_headers(id, authorization.as_deref());
+    write_raw_at(topic, partition, &headers, value).await
+}
+
+/// The contract headers [`write_record`] sends, for tests that alter them:
+/// `ce_source` is `/test-writer`, `authorization` is given whole.
+pub fn contract_headers<'a>(
+    id: &'a str,
+    authorization: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut headers = vec![
+        ("ce_specversion", "1.0"),
+        ("ce_id", id),
+        ("ce_type", EVENT_TYPE),
+        ("ce_source", "/test-writer"),
+        ("content-type", "application/json"),
+    ];
+    headers.extend(authorization.map(|value| ("authorization", value)));
+    headers
+}
+
+/// Writes one record with exactly `headers` (in order) and the key `test`
+/// to partition 0 of `topic`. The writer sends records up to the broker's
+/// default limit (about 1 MB), as any producer may.
+pub async fn write_raw(topic: &str, headers: &[(&str, &str)], value: &[u8]) {
+    write_raw_at(topic, 0, headers, value).await
+}
+
+async fn write_raw_at(topic: &str, partition: i32, headers: &[(&str, &str)], value: &[u8]) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let writer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().unwrap();
-    let authorization = token.map(|t| format!("Bearer {t}"));
-    let mut headers = OwnedHeaders::new()
-        .insert(Header { key: "ce_specversion", value: Some("1.0") })
-        .insert(Header { key: "ce_id", value: Some(id) })
-        .insert(Header { key: "ce_type", value: Some(EVENT_TYPE) })
-        .insert(Header { key: "ce_source", value: Some("/test-writer") })
-        .insert(Header { key: "content-type", value: Some("application/json") });
-    if let Some(value) = &authorization {
-        headers = headers.insert(Header { key: "authorization", value: Some(value.as_str()) });
+    let writer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("message.max.bytes", "1048576")
+        .create()
+        .unwrap();
+    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+    for &(key, value) in headers {
+        owned = owned.insert(Header { key, value: Some(value) });
     }
     let record =
-        FutureRecord::to(topic).partition(partition).key("test").payload(value).headers(headers);
+        FutureRecord::to(topic).partition(partition).key("test").payload(value).headers(owned);
     writer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("record written");
+}
+
+/// The `n`th message ID of a test: a fixed UUID.
+pub fn test_id(n: u32) -> String {
+    format!("9f1c0000-0000-7000-8000-{n:012}")
+}
+
+/// An event token for `subject` from a development issuer's key `k1`:
+/// the test route's scope and audience, tenant `acme`, an hour of life.
+pub fn dev_event_token(issuer: &event_identity::dev_issuer::DevIssuer, subject: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = now.as_secs() as i64;
+    issuer.sign(
+        "k1",
+        &serde_json::json!({"iss": issuer.issuer(), "sub": subject, "aud": CONSUMER_AUDIENCE,
+                "scope": EVENT_SCOPE, "tenant": "acme", "iat": now, "exp": now + 3600}),
+    )
 }
 
 /// The reason codes of the dead-letter topic of `topic`, by `ce_id`.

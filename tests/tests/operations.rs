@@ -179,6 +179,15 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
         env.extend(extra.iter().cloned());
         env
     };
+    // A dead-letter topic the broker refuses to create: its name collides
+    // with an existing topic's ('.' and '_' are the same to Kafka).
+    let topic = fresh_topic(1).await;
+    let colliding = [
+        ("EI_TOPICS", topic.clone()),
+        ("EI_DEAD_LETTER_TOPIC", dead_letter_topic(&topic).replace('.', "_")),
+    ];
+    let database_password =
+        ("EI_DATABASE_URL", "postgres://events:p@ssHUNTER2@127.0.0.1:1/x?password=hunter2".into());
     let unreachable = ("EI_KAFKA_BOOTSTRAP", "127.0.0.1:1".to_owned());
     let bad_issuer = ("EI_ISSUER", "not-a-url".to_owned());
     let no_audience =
@@ -202,6 +211,26 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
             "--require-claim",
         ),
         ("event-consumer", consumer(&[("EI_GROUP", "".into())], ""), 2, "--group"),
+        (
+            "event-consumer",
+            consumer(&[("EI_DEAD_LETTER_TOPIC", "events".into())], ""),
+            1,
+            "--dead-letter-topic",
+        ),
+        (
+            "event-consumer",
+            consumer(&[("EI_DEAD_LETTER_TOPIC", "not a topic!".into())], ""),
+            2,
+            "--dead-letter-topic",
+        ),
+        ("event-consumer", consumer(&colliding, ""), 1, "--dead-letter-topic"),
+        ("event-consumer", consumer(&[database_password], ""), 1, "--database-url"),
+        (
+            "event-producer",
+            producer(&[("EI_MAX_BODY_BYTES", "4000000".into())], ""),
+            2,
+            "--max-body-bytes",
+        ),
         ("event-producer", producer(&[bad_issuer], ""), 1, "--issuer"),
         ("event-producer", producer(&[no_audience], ""), 2, "audience"),
         ("event-producer", producer(&[unreachable], ""), 1, "--kafka-bootstrap"),
@@ -218,5 +247,34 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
         let line = error_line(name, &stderr);
         assert_eq!(exit, code, "{name}: {line}");
         assert!(line.contains(names), "{name}: {line:?} should name {names}");
+        for secret in ["HUNTER2", "hunter2", "producer-secret"] {
+            assert!(!stderr.contains(secret), "{name} printed a secret: {stderr}");
+        }
     }
+}
+
+/// A dead-letter topic that does not exist yet, on a broker that creates
+/// topics on first use, is created by the start-up check, and the service
+/// runs until it is told to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_is_created_at_start() {
+    require_services().await;
+    let issuer = DevIssuer::start().await.unwrap();
+    issuer.add_key("k1", KeyMaterial::Rsa1);
+    let topic = fresh_topic(1).await;
+    let missing = format!("{topic}.created-at-start");
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
+    let config = consumer_config(
+        &topic,
+        &url,
+        issuer.issuer(),
+        &[&format!("--dead-letter-topic={missing}")],
+    );
+    let stop = tokio::time::sleep(Duration::from_secs(3));
+    let ran =
+        tokio::time::timeout(Duration::from_secs(60), event_identity_consumer::run(config, stop));
+    ran.await.expect("stops after its shutdown signal").expect("starts and stops cleanly");
+    // The topic exists now: it has an end offset of 0.
+    assert_eq!(event_identity_tests::process::end_offsets(&missing, 1).await, [0]);
 }
