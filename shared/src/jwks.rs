@@ -262,7 +262,10 @@ struct RawKeySet {
 ///
 /// Keys meant for encryption, keys without a `kid`, symmetric keys and keys
 /// of unsupported types are skipped: one odd key must not make the whole
-/// set unusable.
+/// set unusable. A set left with no usable key is an error: an issuer
+/// always has a key it signs with, so such an answer (a stub, the wrong
+/// realm, a botched rotation) must not replace a good set and make every
+/// token look forged.
 pub fn parse_key_set(body: &[u8]) -> Result<HashMap<String, Arc<PublicKey>>, String> {
     let raw: RawKeySet =
         serde_json::from_slice(body).map_err(|e| format!("not a JWKS document: {e}"))?;
@@ -294,6 +297,9 @@ pub fn parse_key_set(body: &[u8]) -> Result<HashMap<String, Arc<PublicKey>>, Str
             continue;
         };
         keys.insert(kid, Arc::new(PublicKey { key, family }));
+    }
+    if keys.is_empty() {
+        return Err("the key set holds no usable signing key".into());
     }
     Ok(keys)
 }

@@ -602,9 +602,11 @@ fn scopes(claims: &Map<String, Value>) -> Result<Vec<String>, VerifyError> {
         Some(_) => return Err(malformed("scope", "a space-separated string")),
         None => Vec::new(),
     };
-    for scope in string_or_list(claims, "scp")? {
-        if !scopes.contains(&scope) {
-            scopes.push(scope);
+    // `scp` is a list, or (Microsoft Entra) one space-separated string.
+    let listed = string_or_list(claims, "scp")?;
+    for scope in listed.iter().flat_map(|s| s.split_whitespace()) {
+        if !scopes.iter().any(|held| held == scope) {
+            scopes.push(scope.to_owned());
         }
     }
     Ok(scopes)

@@ -552,6 +552,15 @@ async fn the_event_scope_must_be_exactly_the_required_one() {
         Some(Rejection::ExcessScope)
     );
     assert_eq!(check("").await, Err(Rejection::InsufficientScope));
+    // `scp` as one space-separated string (Microsoft Entra) is split too.
+    let entra =
+        with(self::claims(), json!({"-scope": null, "scp": "events:order.created profile"}));
+    let split = verifier.verify_at(&issuer.sign("k1", &entra), now()).await.unwrap();
+    assert_eq!(split.scopes, ["events:order.created", "profile"]);
+    assert_eq!(
+        split.check_exact_scope("events:order.created").unwrap_err().rejection(),
+        Some(Rejection::ExcessScope)
+    );
 }
 
 #[tokio::test]
