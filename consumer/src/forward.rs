@@ -16,8 +16,10 @@
 
 use std::time::Duration;
 
+use event_identity::http::read_prefix;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use sqlx::AnyConnection;
 use uuid::Uuid;
 
@@ -49,29 +51,35 @@ impl ForwardEvents {
     }
 
     async fn forward(&self, event: &Event) -> Result<(), HandlerError> {
-        let body = json!({
-            "id": event.id,
-            "type": event.event_type,
-            "source": event.source,
-            "time": event.time,
-            "data": event.data,
-            "identity": {
-                "subject": event.claims.subject,
-                "issuer": event.claims.issuer,
-                "token_id": event.claims.token_id,
-                "claims": event.claims.claims,
+        // The data goes out as the record carried it.
+        let data: &RawValue = serde_json::from_str(&event.data_text)
+            .map_err(|e| HandlerError::Permanent(format!("the event data is not JSON: {e}")))?;
+        let body = Forwarded {
+            id: event.id,
+            event_type: &event.event_type,
+            source: &event.source,
+            time: event.time.as_deref(),
+            data,
+            identity: Identity {
+                subject: &event.claims.subject,
+                issuer: &event.claims.issuer,
+                token_id: event.claims.token_id.as_deref(),
+                claims: &event.claims.claims,
             },
-            "kafka": {
-                "topic": event.topic,
-                "partition": event.partition,
-                "offset": event.offset,
+            kafka: Position {
+                topic: &event.topic,
+                partition: event.partition,
+                offset: event.offset,
             },
-        });
+        };
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| HandlerError::Permanent(format!("cannot encode the event: {e}")))?;
         let response = self
             .client
             .post(self.url.clone())
             .header("idempotency-key", idempotency_key(event).to_string())
-            .json(&body)
+            .header("content-type", "application/json")
+            .body(body)
             .send()
             .await
             .map_err(|e| HandlerError::Transient(format!("forwarding failed: {e}")))?;
@@ -80,7 +88,10 @@ impl ForwardEvents {
         if status.is_success() {
             return Ok(());
         }
-        let text = response.text().await.unwrap_or_default();
+        // Only what the detail shows is read: an endpoint's error page may
+        // be of any size.
+        let prefix = read_prefix(response, 4 * MAX_BODY_IN_DETAIL + 4).await;
+        let text = String::from_utf8_lossy(&prefix);
         let mut excerpt: String = text.chars().take(MAX_BODY_IN_DETAIL).collect();
         if excerpt.len() < text.len() {
             excerpt.push('…');
@@ -92,6 +103,34 @@ impl ForwardEvents {
             Err(HandlerError::Permanent(detail))
         }
     }
+}
+
+/// The forwarded body (see [`ForwardEvents`]).
+#[derive(Serialize)]
+struct Forwarded<'a> {
+    id: Uuid,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    source: &'a str,
+    time: Option<&'a str>,
+    data: &'a RawValue,
+    identity: Identity<'a>,
+    kafka: Position<'a>,
+}
+
+#[derive(Serialize)]
+struct Identity<'a> {
+    subject: &'a str,
+    issuer: &'a str,
+    token_id: Option<&'a str>,
+    claims: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct Position<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
 }
 
 fn is_transient(status: StatusCode) -> bool {

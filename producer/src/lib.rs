@@ -19,12 +19,13 @@ pub mod metrics;
 pub mod publisher;
 pub mod routes;
 
-use std::future::{Future, IntoFuture as _};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use event_identity::service::serve_http;
 use tokio::net::TcpListener;
 
 pub use config::ProducerConfig;
@@ -74,17 +75,17 @@ impl Service {
             .merge(event_identity::ops::router(registry, readiness));
         tracing::info!(addr = %self.local_addr(), "producer listening");
         let (requested_tx, requested) = tokio::sync::oneshot::channel();
-        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+        let server = serve_http(self.listener, app, async move {
             shutdown.await;
             let _ = requested_tx.send(());
         });
-        let mut server = tokio::spawn(server.into_future());
+        let mut server = tokio::spawn(server);
 
         // Until shutdown is requested, the server runs on its own.
         tokio::select! {
             result = &mut server => {
                 probing.cancel();
-                result??;
+                result?;
                 return Ok(ShutdownReport { undelivered: 0 });
             }
             _ = requested => {}
@@ -98,7 +99,7 @@ impl Service {
         let budget = self.config.shutdown_timeout();
         let undelivered = match tokio::time::timeout(budget, &mut server).await {
             Ok(joined) => {
-                joined??;
+                joined?;
                 self.publisher.flush(budget).await
             }
             Err(_) => {

@@ -5,6 +5,9 @@ use serde::Deserialize;
 
 use crate::http::check_url;
 
+/// Largest discovery document read (Keycloak's is about 7 KiB).
+const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+
 /// The parts of an issuer's discovery document this project uses.
 #[derive(Debug, Clone)]
 pub struct Discovery {
@@ -41,9 +44,10 @@ pub async fn discover(
     if !response.status().is_success() {
         return Err(format!("discovery at {url} answered HTTP {}", response.status()));
     }
-    let document: Document = response
-        .json()
+    let body = crate::http::read_capped(response, MAX_DOCUMENT_BYTES)
         .await
+        .map_err(|e| format!("discovery at {url}: {e}"))?;
+    let document: Document = serde_json::from_slice(&body)
         .map_err(|e| format!("discovery at {url} is not a discovery document: {e}"))?;
     if document.issuer != issuer {
         return Err(format!(

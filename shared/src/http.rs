@@ -28,6 +28,18 @@ pub async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<
     Ok(body)
 }
 
+/// Reads at most the first `max` bytes of a response body, for messages
+/// about an answer that is not used otherwise; the rest is never read.
+pub async fn read_prefix(mut response: reqwest::Response, max: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < max {
+        let Ok(Some(chunk)) = response.chunk().await else { break };
+        let room = max - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    body
+}
+
 /// Checks that `url` may be used to fetch keys or tokens: HTTPS, or plain
 /// HTTP to a loopback address (development only). `allow_plain_http` lifts
 /// the loopback restriction for private networks such as a compose stack;

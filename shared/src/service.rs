@@ -95,14 +95,76 @@ pub async fn check_kafka(bootstrap: &str, timeout: std::time::Duration) -> Resul
     check.await.map_err(|e| format!("the broker check failed: {e}"))?
 }
 
-/// Serves `router` on `listener` until `stop` completes.
-pub async fn serve_ops(
+/// How long a client may take to send a request's headers before its
+/// connection is closed: an unfinished request holds neither a connection
+/// slot nor a shutdown.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `router` on `listener` until `stop` completes, then stops
+/// accepting and completes once the open connections have finished their
+/// requests. A client that does not send a request's headers within
+/// [`HEADER_READ_TIMEOUT`] is disconnected.
+pub async fn serve_http(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
-        tracing::error!(%error, "the operations endpoint failed");
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Serves the operations endpoint until `stop` completes; once stopped it
+/// gives open requests at most `drain` before dropping them, so no client
+/// can hold up a shutdown.
+pub async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    drain: std::time::Duration,
+) {
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
+    let server = serve_http(listener, router, async move {
+        stop.await;
+        let _ = stopped_tx.send(());
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        () = &mut server => return,
+        _ = stopped => {}
+    }
+    if tokio::time::timeout(drain, server).await.is_err() {
+        tracing::warn!("operations requests still open at shutdown were dropped");
     }
 }
 
