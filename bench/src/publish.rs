@@ -216,7 +216,9 @@ fn secure_publish(
     let request = PublishRequest {
         event_type: EVENT_TYPE.to_owned(),
         key: format!("order-{n:010}"),
-        data: event_data(n, user, args.payload_bytes),
+        // Serialized here, as the bare variant serializes its value.
+        data: serde_json::value::to_raw_value(&event_data(n, user, args.payload_bytes))
+            .expect("a JSON value serializes"),
         idempotency_key: None,
     };
     async move {

@@ -213,6 +213,7 @@ fn event(offset: i64, claims: Arc<VerifiedClaims>, data: Value) -> Event {
         event_type: EVENT_TYPE.to_owned(),
         source: "/bench-writer".to_owned(),
         time: None,
+        data_text: data.to_string(),
         data,
         claims,
         topic: "bench-steps".to_owned(),

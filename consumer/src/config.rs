@@ -126,7 +126,8 @@ pub struct ConsumerConfig {
     /// A message re-delivered or replayed after its marker is purged runs
     /// its effect again: keep markers longer than any message can wait in
     /// the topic or be replayed.
-    #[arg(long, env = "EI_INBOX_RETENTION_S", default_value_t = 604_800)]
+    /// At most ten years.
+    #[arg(long, env = "EI_INBOX_RETENTION_S", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(0..=315_360_000))]
     pub inbox_retention_s: u64,
 
     /// How often expired inbox markers are purged, in seconds.

@@ -41,8 +41,11 @@ pub struct Event {
     pub source: String,
     /// Publication time as sent (`ce_time`).
     pub time: Option<String>,
-    /// The event data.
+    /// The event data, parsed (what claims rules read).
     pub data: Value,
+    /// The event data as the record carried it, JSON text: what is stored
+    /// and forwarded, so no number or string is rewritten on the way.
+    pub data_text: String,
     /// The verified claims of the event token: who asked for this work
     /// (shared with the verifier's cache).
     pub claims: Arc<VerifiedClaims>,
@@ -212,10 +215,17 @@ impl Inbox {
                 received_at TEXT NOT NULL,
                 PRIMARY KEY (subject, message_id)
             )";
-        for statement in [inbox, events.to_owned()] {
-            self.pool.execute(AssertSqlSafe(statement)).await?;
+        // Replicas starting together on one PostgreSQL database would race:
+        // CREATE TABLE IF NOT EXISTS is not safe against a concurrent
+        // create. A transaction-scoped advisory lock takes turns.
+        let mut tx = self.pool.begin().await?;
+        if !sqlite {
+            tx.execute("DO $$ BEGIN PERFORM pg_advisory_xact_lock(7270110); END $$").await?;
         }
-        Ok(())
+        for statement in [inbox, events.to_owned()] {
+            tx.execute(AssertSqlSafe(statement)).await?;
+        }
+        tx.commit().await
     }
 
     /// Runs `handler` for `event` unless its message ID was processed
@@ -301,7 +311,9 @@ impl Inbox {
     /// re-delivered or replayed after its marker is gone runs again, so
     /// keep markers longer than any message can wait or be replayed.
     pub async fn purge(&self, retention: Duration) -> Result<u64, sqlx::Error> {
-        let cutoff = OffsetDateTime::now_utc() - retention;
+        let now = OffsetDateTime::now_utc();
+        let cutoff = now.checked_sub(retention.try_into().unwrap_or(time::Duration::MAX));
+        let Some(cutoff) = cutoff else { return Ok(0) };
         let deleted = sqlx::query("DELETE FROM inbox WHERE processed_at < $1")
             .bind(format_time(cutoff))
             .execute(&self.pool)
@@ -340,9 +352,9 @@ async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), 
              ON CONFLICT (subject, message_id) DO NOTHING",
             placeholders(tx.backend_name(), chunk.len(), 12)
         );
-        let texts: Vec<(String, String, String)> = chunk
+        let texts: Vec<(String, String, &str)> = chunk
             .iter()
-            .map(|e| (e.id.to_string(), json_text(&e.claims.claims), e.data.to_string()))
+            .map(|e| (e.id.to_string(), json_text(&e.claims.claims), e.data_text.as_str()))
             .collect();
         let mut insert = sqlx::query(AssertSqlSafe(sql));
         for (event, (id, claims, data)) in chunk.iter().zip(&texts) {
@@ -424,6 +436,7 @@ mod tests {
             source: "urn:test".to_owned(),
             time: None,
             data: json!({"n": n as u64}),
+            data_text: json!({"n": n as u64}).to_string(),
             claims: Arc::new(VerifiedClaims {
                 subject: subject.to_owned(),
                 issuer: "https://issuer.test".to_owned(),
@@ -521,6 +534,9 @@ mod tests {
         assert_eq!(inbox.purge(Duration::from_secs(3600)).await.unwrap(), 1);
         assert_eq!(count(&inbox, "inbox").await, 1);
         assert_eq!(inbox.purge(Duration::from_secs(3600)).await.unwrap(), 0);
+        // A retention reaching before any representable date purges nothing.
+        assert_eq!(inbox.purge(Duration::from_secs(1_000_000_000_000)).await.unwrap(), 0);
+        assert_eq!(count(&inbox, "inbox").await, 1);
     }
 
     #[test]

@@ -127,11 +127,10 @@ impl ConsumerBuilder {
         };
         let verifier =
             Verifier::new(verifier_config, http).map_err(|e| anyhow::anyhow!("--audience: {e}"))?;
-        let keys = verifier
-            .keys()
-            .refresh_now()
-            .await
-            .map_err(|e| anyhow::anyhow!("--issuer: cannot load the issuer's keys: {e}"))?;
+        let keys = verifier.keys().refresh_now().await.map_err(|e| {
+            let setting = if config.jwks_url.is_some() { "--jwks-url" } else { "--issuer" };
+            anyhow::anyhow!("{setting}: cannot load the issuer's keys: {e}")
+        })?;
         tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
 
         let inbox = Inbox::connect(&config.database_url).await.with_context(|| {
@@ -217,6 +216,9 @@ impl ConsumerBuilder {
 /// What librdkafka may hold of fetched records not yet handed over, in KiB.
 const FETCH_QUEUE_KBYTES: u32 = 16 * 1024;
 
+/// How long open `/metrics` or `/readyz` requests may take once stopping.
+const OPS_DRAIN: Duration = Duration::from_secs(2);
+
 /// How long a broker has to answer at start.
 const KAFKA_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -254,8 +256,12 @@ impl EventConsumer {
         tracing::info!(dead_letter_topic, %ops_addr, "consumer running");
         let (listener, router) = self.ops;
         let ops_stop = stop.clone();
-        let ops =
-            tokio::spawn(serve_ops(listener, router, async move { ops_stop.cancelled().await }));
+        let ops = tokio::spawn(serve_ops(
+            listener,
+            router,
+            async move { ops_stop.cancelled().await },
+            OPS_DRAIN,
+        ));
         let purging = self.purge.map(|(retention, every)| {
             let inbox = self.runtime.shared.inbox.clone();
             tokio::spawn(purge_inbox(inbox, retention, every, stop.clone()))

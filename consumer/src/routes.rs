@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use event_identity::VerifiedClaims;
+use event_identity::route_spec;
 use serde_json::Value;
 
 /// A claims-based authorization rule, checked after the token is verified.
@@ -75,31 +76,19 @@ impl FromStr for RouteSpec {
 
     /// Parses `type=T,scope=S[,claim_equals_field=C:F][,claim_in=C:V1|V2]`.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let known = ["type", "scope", "claim_equals_field", "claim_in"];
         let (mut event_type, mut scope, mut rules) = (None, None, Vec::new());
-        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, value) =
-                part.split_once('=').ok_or_else(|| format!("{part:?} is not name=value"))?;
-            let value = value.trim();
-            if value.is_empty() {
-                return Err(format!("{name} has no value"));
-            }
-            match name.trim() {
-                "type" if event_type.is_none() => event_type = Some(value.to_owned()),
-                "scope" if scope.is_none() => scope = Some(value.to_owned()),
-                "type" | "scope" => return Err(format!("{name} is given twice")),
+        for (name, value) in route_spec::fields(spec, &known, &known[2..])? {
+            match name {
+                "type" => event_type = Some(value.to_owned()),
+                "scope" => scope = Some(value.to_owned()),
                 "claim_equals_field" => {
-                    let (claim, field) = pair(value, "claim_equals_field=CLAIM:FIELD")?;
+                    let (claim, field) = route_spec::pair(value, "claim_equals_field=CLAIM:FIELD")?;
                     rules.push(Rule::ClaimEqualsField { claim, field });
                 }
-                "claim_in" => {
-                    let (claim, values) = pair(value, "claim_in=CLAIM:V1|V2")?;
-                    let values = values.split('|').map(str::to_owned).collect();
+                _ => {
+                    let (claim, values) = route_spec::claim_values(value, "claim_in=CLAIM:V1|V2")?;
                     rules.push(Rule::ClaimIn { claim, values });
-                }
-                other => {
-                    return Err(format!(
-                        "unknown field {other:?} (expected type, scope, claim_equals_field, claim_in)"
-                    ));
                 }
             }
         }
@@ -108,13 +97,6 @@ impl FromStr for RouteSpec {
             scope: scope.ok_or("scope= is missing")?,
             rules,
         })
-    }
-}
-
-fn pair(value: &str, form: &str) -> Result<(String, String), String> {
-    match value.split_once(':') {
-        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_owned(), b.to_owned())),
-        _ => Err(format!("expected {form}, got {value:?}")),
     }
 }
 

@@ -209,6 +209,7 @@ impl Shared {
             source: headers.source,
             time: headers.time,
             data,
+            data_text: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
             claims,
             topic: message.topic().to_owned(),
             partition: message.partition(),

@@ -107,8 +107,9 @@ pub struct ProducerConfig {
     #[arg(long, env = "EI_LEEWAY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=300))]
     pub leeway_s: u64,
 
-    /// The `ce_source` of published events.
-    #[arg(long, env = "EI_SOURCE", default_value = "/event-producer")]
+    /// The `ce_source` of published events: a URI reference, such as
+    /// `/event-producer` or `https://example.com/orders`.
+    #[arg(long, env = "EI_SOURCE", default_value = "/event-producer", value_parser = source_uri)]
     pub source: String,
 
     /// How long Kafka may take to acknowledge a record before the request
@@ -137,6 +138,15 @@ pub struct ProducerConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "EI_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// A `ce_source` the consumers accept: not empty, no whitespace or control
+/// characters.
+fn source_uri(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{value:?} is not a URI reference (not empty, no spaces)"));
+    }
+    Ok(value.to_owned())
 }
 
 fn non_empty_secret(value: &str) -> Result<Secret, String> {

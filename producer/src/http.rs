@@ -19,7 +19,8 @@ use axum::routing::post;
 use event_identity::contract::bearer_token;
 use event_identity::{Rejection, VerifyError};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
+use serde_json::value::RawValue;
 
 use crate::metrics::RequestCounts;
 use crate::publisher::{PublishError, PublishRequest, Publisher};
@@ -55,7 +56,9 @@ struct EventBody {
     #[serde(rename = "type")]
     event_type: String,
     key: String,
-    data: Value,
+    /// Kept as the client wrote it: published byte for byte, so no number
+    /// or string is rewritten on the way.
+    data: Box<RawValue>,
 }
 
 async fn publish(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
@@ -100,8 +103,9 @@ async fn handle(api: &Api, headers: &HeaderMap, body: Body) -> Result<Response, 
         }
         Ok(Ok(body)) => body,
     };
+    // Strict first (no member named twice at any depth), then the parts.
     let body: EventBody = event_identity::json::parse_strict(&body)
-        .and_then(serde_json::from_value)
+        .and_then(|_| serde_json::from_slice(&body))
         .map_err(|e| PublishError::InvalidRequest(format!("the body is not an event: {e}")))?;
     let mut keys = headers.get_all("idempotency-key").iter();
     let idempotency_key = match (keys.next(), keys.next()) {

@@ -13,7 +13,7 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -29,8 +29,9 @@ pub struct PublishRequest {
     pub event_type: String,
     /// The partition key: the entity the event is about.
     pub key: String,
-    /// The event data.
-    pub data: Value,
+    /// The event data, JSON text published as it is (make one from a value
+    /// with `serde_json::value::to_raw_value`).
+    pub data: Box<RawValue>,
     /// The client's `Idempotency-Key`, if any: a retry with the same key
     /// publishes the same message ID.
     pub idempotency_key: Option<String>,
@@ -133,11 +134,10 @@ impl Publisher {
         verifier_config.leeway = Duration::from_secs(config.leeway_s);
         let user_verifier = Verifier::new(verifier_config, http.clone())
             .map_err(|e| anyhow::anyhow!("--user-audience: {e}"))?;
-        let keys = user_verifier
-            .keys()
-            .refresh_now()
-            .await
-            .map_err(|e| anyhow::anyhow!("--issuer: cannot load the issuer's keys: {e}"))?;
+        let keys = user_verifier.keys().refresh_now().await.map_err(|e| {
+            let setting = if config.jwks_url.is_some() { "--jwks-url" } else { "--issuer" };
+            anyhow::anyhow!("{setting}: cannot load the issuer's keys: {e}")
+        })?;
         tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
 
         let exchanger = TokenExchanger::new(
@@ -257,8 +257,13 @@ impl Publisher {
             other => PublishError::TokenExchange(other.to_string()),
         })?;
 
-        let key = request.idempotency_key.as_deref();
-        let id = self.message_ids.derive(&user.subject, &route.event_type, key);
+        let parts = [
+            user.subject.as_bytes(),
+            route.event_type.as_bytes(),
+            request.key.as_bytes(),
+            request.data.get().as_bytes(),
+        ];
+        let id = self.message_ids.derive(&parts, request.idempotency_key.as_deref());
         let time = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
         let id_text = id.to_string();
         let authorization = format!("Bearer {}", event_token.expose());
@@ -270,10 +275,9 @@ impl Publisher {
             .insert(Header { key: header::TIME, value: Some(time.as_str()) })
             .insert(Header { key: header::CONTENT_TYPE, value: Some(contract::CONTENT_TYPE) })
             .insert(Header { key: header::AUTHORIZATION, value: Some(authorization.as_str()) });
-        let payload = serde_json::to_vec(&request.data)
-            .map_err(|e| PublishError::InvalidRequest(e.to_string()))?;
+        let payload = request.data.get().as_bytes();
         let record =
-            FutureRecord::to(&self.topic).key(&request.key).payload(&payload).headers(headers);
+            FutureRecord::to(&self.topic).key(&request.key).payload(payload).headers(headers);
 
         let delivery =
             self.producer.send(record, self.delivery_timeout).await.map_err(|(e, _)| match e {

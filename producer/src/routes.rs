@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use event_identity::VerifiedClaims;
+use event_identity::route_spec;
 use serde_json::Value;
 
 /// One publishable event type.
@@ -61,35 +62,18 @@ impl FromStr for EventRoute {
     /// Parses `type=T,requires=S,scope=E,audience=A` (any order, all
     /// required), where `requires_claim=CLAIM:V1|V2` may replace `requires`.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let mut fields = HashMap::new();
-        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, value) =
-                part.split_once('=').ok_or_else(|| format!("{part:?} is not name=value"))?;
-            let (name, value) = (name.trim(), value.trim());
-            if !matches!(name, "type" | "requires" | "requires_claim" | "scope" | "audience") {
-                return Err(format!(
-                    "unknown field {name:?} (expected type, requires or requires_claim, scope, \
-                     audience)"
-                ));
-            }
-            if value.is_empty() || value.contains(char::is_whitespace) {
-                return Err(format!("{name} must be one word, got {value:?}"));
-            }
-            if fields.insert(name, value.to_owned()).is_some() {
-                return Err(format!("{name} is given twice"));
-            }
-        }
+        let known = ["type", "requires", "requires_claim", "scope", "audience"];
+        let mut fields: HashMap<&str, String> = route_spec::fields(spec, &known, &[])?
+            .into_iter()
+            .map(|(name, value)| (name, value.to_owned()))
+            .collect();
         let requires = match (fields.remove("requires"), fields.remove("requires_claim")) {
             (Some(scope), None) => Requirement::Scope(scope),
-            (None, Some(spec)) => match spec.split_once(':') {
-                Some((claim, values))
-                    if !claim.is_empty() && values.split('|').all(|v| !v.is_empty()) =>
-                {
-                    let values = values.split('|').map(str::to_owned).collect();
-                    Requirement::Claim { claim: claim.to_owned(), values }
-                }
-                _ => return Err(format!("requires_claim must be CLAIM:V1|V2, got {spec:?}")),
-            },
+            (None, Some(spec)) => {
+                let (claim, values) =
+                    route_spec::claim_values(&spec, "requires_claim=CLAIM:V1|V2")?;
+                Requirement::Claim { claim, values }
+            }
             (Some(_), Some(_)) => return Err("give requires or requires_claim, not both".into()),
             (None, None) => return Err("requires= (or requires_claim=) is missing".into()),
         };

@@ -53,10 +53,12 @@ pub const CONTENT_TYPE: &str = "application/json";
 ///
 /// Without an `Idempotency-Key` a message ID is a UUID v7. With one, it is
 /// a UUID v8 made from an HMAC-SHA256, under this producer's secret, of the
-/// user's subject, the event type and the key: a retried request yields the
-/// same ID, two users' keys never collide, one key used for two event types
-/// (an order created, then cancelled) gives two IDs, and nobody without the
-/// secret can predict an ID and publish a record under it first.
+/// request's parts (the user's subject, the event type, the record key and
+/// the data as sent) and the key: a retried request yields the same ID; two
+/// users' keys never collide; a key reused for another request (another
+/// event type, another order) gives another ID, so that request is not
+/// dropped as a duplicate of the first; and nobody without the secret can
+/// predict an ID and publish a record under it first.
 #[derive(Clone)]
 pub struct MessageIds {
     secret: Secret,
@@ -68,17 +70,18 @@ impl MessageIds {
         Self { secret }
     }
 
-    /// The message ID of a new event of `event_type` by `subject`.
-    pub fn derive(&self, subject: &str, event_type: &str, idempotency_key: Option<&str>) -> Uuid {
+    /// The message ID of a new event whose request has `parts` (subject,
+    /// event type, record key, data).
+    pub fn derive(&self, parts: &[&[u8]], idempotency_key: Option<&str>) -> Uuid {
         let Some(key) = idempotency_key else {
             return Uuid::now_v7();
         };
         let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose().as_bytes())
             .expect("HMAC takes keys of any length");
         // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
-        for part in [subject, event_type] {
+        for part in parts {
             mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part.as_bytes());
+            mac.update(part);
         }
         mac.update(key.as_bytes());
         let digest = mac.finalize().into_bytes();
@@ -280,26 +283,26 @@ mod tests {
     }
 
     #[test]
-    fn idempotency_keys_give_stable_per_user_and_type_ids() {
+    fn idempotency_keys_give_one_id_per_request() {
         let ids = MessageIds::new(Secret::new("producer-secret"));
-        let a = ids.derive("user-1", "created", Some("key-1"));
-        assert_eq!(a, ids.derive("user-1", "created", Some("key-1")));
-        assert_ne!(a, ids.derive("user-2", "created", Some("key-1")));
-        assert_ne!(a, ids.derive("user-1", "created", Some("key-2")));
-        assert_ne!(a, ids.derive("user-1", "cancelled", Some("key-1")));
-        assert_ne!(ids.derive("ab", "t", Some("c")), ids.derive("a", "bt", Some("c")));
-        assert_ne!(ids.derive("u", "ab", Some("c")), ids.derive("u", "a", Some("bc")));
+        let id = |parts: [&str; 3], key| ids.derive(&parts.map(str::as_bytes), key);
+        let a = id(["user-1", "created", "{}"], Some("key-1"));
+        assert_eq!(a, id(["user-1", "created", "{}"], Some("key-1")));
+        assert_ne!(a, id(["user-2", "created", "{}"], Some("key-1")));
+        assert_ne!(a, id(["user-1", "created", "{}"], Some("key-2")));
+        assert_ne!(a, id(["user-1", "cancelled", "{}"], Some("key-1")));
+        assert_ne!(a, id(["user-1", "created", "{\"n\":2}"], Some("key-1")));
+        assert_ne!(id(["ab", "t", "{}"], Some("c")), id(["a", "bt", "{}"], Some("c")));
         assert_eq!(a.get_version_num(), 8);
-        assert_eq!(ids.derive("user-1", "created", None).get_version_num(), 7);
+        assert_eq!(id(["user-1", "created", "{}"], None).get_version_num(), 7);
     }
 
     #[test]
     fn ids_cannot_be_predicted_without_the_secret() {
         let ours = MessageIds::new(Secret::new("producer-secret"));
         let guess = MessageIds::new(Secret::new("another-secret"));
-        let (ours, guess) =
-            (ours.derive("u", "t", Some("o-2")), guess.derive("u", "t", Some("o-2")));
-        assert_ne!(ours, guess);
+        let parts: [&[u8]; 2] = [b"u", b"t"];
+        assert_ne!(ours.derive(&parts, Some("o-2")), guess.derive(&parts, Some("o-2")));
     }
 
     #[test]

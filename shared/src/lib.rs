@@ -21,6 +21,7 @@ pub mod json;
 pub mod jwks;
 pub mod ops;
 pub mod reason;
+pub mod route_spec;
 pub mod secret;
 pub mod service;
 pub mod verify;

@@ -533,6 +533,13 @@ pub fn test_id(n: u32) -> String {
     format!("9f1c0000-0000-7000-8000-{n:012}")
 }
 
+/// A development issuer publishing key `k1` (RSA).
+pub async fn dev_issuer() -> event_identity::dev_issuer::DevIssuer {
+    let issuer = event_identity::dev_issuer::DevIssuer::start().await.expect("dev issuer");
+    issuer.add_key("k1", event_identity::dev_issuer::KeyMaterial::Rsa1);
+    issuer
+}
+
 /// An event token for `subject` from a development issuer's key `k1`:
 /// the test route's scope and audience, tenant `acme`, an hour of life.
 pub fn dev_event_token(issuer: &event_identity::dev_issuer::DevIssuer, subject: &str) -> String {

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use event_identity::dev_issuer::{DevIssuer, KeyMaterial};
 use event_identity_consumer::ConsumerBuilder;
 use event_identity_tests::process::committed_offsets;
 use event_identity_tests::*;
@@ -16,12 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 const ORDER: &[u8] = br#"{"tenant":"acme"}"#;
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn dev_issuer() -> DevIssuer {
-    let issuer = DevIssuer::start().await.unwrap();
-    issuer.add_key("k1", KeyMaterial::Rsa1);
-    issuer
-}
 
 /// Every value of header `name` in the record, in order.
 fn values(message: &rdkafka::message::OwnedMessage, name: &str) -> Vec<String> {

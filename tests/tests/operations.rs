@@ -231,6 +231,31 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
             2,
             "--max-body-bytes",
         ),
+        ("event-producer", producer(&[("EI_SOURCE", "/orders api".into())], ""), 2, "--source"),
+        (
+            "event-consumer",
+            consumer(&[("EI_INBOX_RETENTION_S", "1000000000000".into())], ""),
+            2,
+            "--inbox-retention-s",
+        ),
+        (
+            "event-consumer",
+            consumer(&[("EI_ROUTES", format!("type={EVENT_TYPE},scope={EVENT_SCOPE} openid"))], ""),
+            2,
+            "--route",
+        ),
+        (
+            "event-consumer",
+            consumer(
+                &[(
+                    "EI_ROUTES",
+                    format!("type={EVENT_TYPE},scope={EVENT_SCOPE},claim_in=tenant:a|"),
+                )],
+                "",
+            ),
+            2,
+            "--route",
+        ),
         ("event-producer", producer(&[bad_issuer], ""), 1, "--issuer"),
         ("event-producer", producer(&[no_audience], ""), 2, "audience"),
         ("event-producer", producer(&[unreachable], ""), 1, "--kafka-bootstrap"),
