@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job on real components: starts Kafka and Keycloak, runs the
-# event-producer and event-consumer binaries against them, publishes one
-# event as alice (allowed) and one as bob (not allowed), a retry with the
-# same Idempotency-Key, and a forged record, then prints what the consumer
-# recorded and stops everything.
+# The main job on real components, a shorter scenario than the one-command
+# demo: starts Kafka and Keycloak, runs the event-producer and
+# event-consumer binaries against them, publishes one event as alice
+# (allowed) and one as bob (not allowed), a retry with the same
+# Idempotency-Key, and a record without a token, then prints what the
+# consumer recorded and the dead-letter reasons, and stops everything.
+# Logs and the inbox go to $EI_RUN_DIR/demo (default target/demo).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -11,7 +13,7 @@ kafka_port="${EI_KAFKA_PORT:-19092}"
 keycloak_port="${EI_KEYCLOAK_PORT:-18080}"
 producer_addr=127.0.0.1:${EI_DEMO_PRODUCER_PORT:-18081}
 issuer="http://127.0.0.1:$keycloak_port/realms/event-identity"
-run_dir=target/demo
+run_dir="${EI_RUN_DIR:-target}/demo"
 topic="demo-$(date +%s)"
 
 pids=()
@@ -109,7 +111,7 @@ for message_id, subject, claims, data in rows:
     print(f"  {message_id}  sub={subject} ({users.get(subject, '?')})  "
           f"tenant={c.get('tenant')}  scope={c.get('scope')}  azp={c.get('azp')}  data={data}")
 PY
-say "the dead-letter topic $topic.dead-letter"
+say "the dead-letter topic $topic.dead-letter (reading it takes up to 8 s)"
 scripts/kafka.sh tool org.apache.kafka.tools.consumer.ConsoleConsumer \
 	--bootstrap-server "127.0.0.1:$kafka_port" --topic "$topic.dead-letter" --from-beginning \
 	--timeout-ms 8000 --formatter-property print.headers=true 2>/dev/null |

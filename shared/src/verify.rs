@@ -403,12 +403,14 @@ impl Verifier {
         let exp = numeric_date(&claims, "exp")?
             .ok_or_else(|| VerifyError::reject(Rejection::MissingClaim, "exp is missing"))?;
         if now >= exp + leeway {
-            return Err(VerifyError::reject(Rejection::Expired, format!("expired at {exp}")));
+            let detail = format!("expired at {}", date_text(exp));
+            return Err(VerifyError::reject(Rejection::Expired, detail));
         }
         if let Some(nbf) = numeric_date(&claims, "nbf")?
             && now + leeway < nbf
         {
-            return Err(VerifyError::reject(Rejection::NotYetValid, format!("not before {nbf}")));
+            let detail = format!("not before {}", date_text(nbf));
+            return Err(VerifyError::reject(Rejection::NotYetValid, detail));
         }
         let iat = numeric_date(&claims, "iat")?;
         if let Some(iat) = iat
@@ -416,7 +418,7 @@ impl Verifier {
         {
             return Err(VerifyError::reject(
                 Rejection::NotYetValid,
-                format!("issued in the future at {iat}"),
+                format!("issued in the future at {}", date_text(iat)),
             ));
         }
 
@@ -566,6 +568,14 @@ fn parse_object(segment: &str, what: &str) -> Result<Map<String, Value>, VerifyE
 
 fn malformed(claim: &str, expected: &str) -> VerifyError {
     VerifyError::reject(Rejection::MalformedClaim, format!("{claim} is not {expected}"))
+}
+
+/// A NumericDate as RFC 3339 (UTC, whole seconds), for details a person
+/// reads; the number itself when it is no representable date.
+fn date_text(secs: f64) -> String {
+    let date = time::OffsetDateTime::from_unix_timestamp(secs.floor() as i64).ok();
+    let text = date.and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok());
+    text.unwrap_or_else(|| secs.to_string())
 }
 
 fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, VerifyError> {
