@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use event_identity::dev_issuer::{DevIssuer, KeyMaterial};
+use event_identity::dev_issuer::DevIssuer;
 use event_identity_consumer::ConsumerBuilder;
 use event_identity_tests::*;
 use serde_json::{Value, json};
@@ -17,12 +17,6 @@ fn user_token(issuer: &DevIssuer) -> String {
             "scope": "openid orders:write", "tenant": "acme", "iat": now, "exp": now + 300,
         }),
     )
-}
-
-async fn dev_issuer() -> DevIssuer {
-    let issuer = DevIssuer::start().await.unwrap();
-    issuer.add_key("k1", KeyMaterial::Rsa1);
-    issuer
 }
 
 /// A body within `--max-body-bytes` that the topic cannot take (its
