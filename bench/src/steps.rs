@@ -266,7 +266,7 @@ async fn multi_row_markers(
         // Built from placeholders only: no input in the statement's text.
         let sql = sqlx::AssertSqlSafe(format!(
             "INSERT INTO inbox (subject, message_id, event_type, processed_at) VALUES {} \
-             ON CONFLICT (subject, message_id) DO NOTHING",
+             ON CONFLICT (message_id, subject) DO NOTHING",
             rows.join(", ")
         ));
         let mut query = sqlx::query(sql);

@@ -196,7 +196,7 @@ impl Inbox {
                 message_id TEXT NOT NULL,
                 event_type TEXT NOT NULL,
                 processed_at TEXT NOT NULL,
-                PRIMARY KEY (subject, message_id)
+                PRIMARY KEY (message_id, subject)
             ){}",
             if sqlite { " WITHOUT ROWID" } else { "" }
         );
@@ -213,7 +213,7 @@ impl Inbox {
                 kafka_partition INTEGER NOT NULL,
                 kafka_offset BIGINT NOT NULL,
                 received_at TEXT NOT NULL,
-                PRIMARY KEY (subject, message_id)
+                PRIMARY KEY (message_id, subject)
             )";
         // Replicas starting together on one PostgreSQL database would race:
         // CREATE TABLE IF NOT EXISTS is not safe against a concurrent
@@ -269,7 +269,7 @@ impl Inbox {
         for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO inbox (subject, message_id, event_type, processed_at) VALUES {}
-                 ON CONFLICT (subject, message_id) DO NOTHING RETURNING subject, message_id",
+                 ON CONFLICT (message_id, subject) DO NOTHING RETURNING subject, message_id",
                 placeholders(tx.backend_name(), chunk.len(), 4)
             );
             let mut insert = sqlx::query(AssertSqlSafe(sql));
@@ -349,7 +349,7 @@ async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), 
             "INSERT INTO events (message_id, event_type, source, subject, issuer, token_id,
                 claims, data, kafka_topic, kafka_partition, kafka_offset, received_at)
              VALUES {}
-             ON CONFLICT (subject, message_id) DO NOTHING",
+             ON CONFLICT (message_id, subject) DO NOTHING",
             placeholders(tx.backend_name(), chunk.len(), 12)
         );
         let texts: Vec<(String, String, &str)> = chunk
