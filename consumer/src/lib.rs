@@ -194,6 +194,7 @@ impl ConsumerBuilder {
             batch_size: config.batch_size as usize,
             resume_at: config.max_queued_per_partition as usize / 2,
             drained: tokio::sync::Notify::new(),
+            backlogged: Default::default(),
             stats,
             verification_seconds,
             handler_seconds,

@@ -142,6 +142,12 @@ impl Assignments {
         (moved, resume)
     }
 
+    /// Whether the workers of unpaused partitions have, on average, at
+    /// least `gate` messages waiting: reading more would only fill queues.
+    pub fn backlogged(&self, gate: usize) -> bool {
+        backlogged(&self.lock(), gate)
+    }
+
     /// Removes the slots of `revoked`, halting their workers, and returns
     /// their watermarks.
     fn revoke(&self, revoked: &TopicPartitionList) -> TopicPartitionList {
@@ -163,6 +169,16 @@ impl Assignments {
         });
         watermarks
     }
+}
+
+/// See [`Assignments::backlogged`]; for a caller holding the lock.
+pub(crate) fn backlogged(slots: &[Slot], gate: usize) -> bool {
+    let (mut unpaused, mut queued) = (0, 0);
+    for slot in slots.iter().filter(|slot| !slot.progress.paused()) {
+        unpaused += 1;
+        queued += slot.progress.queued();
+    }
+    unpaused > 0 && queued >= gate.saturating_mul(unpaused)
 }
 
 /// The consumer's librdkafka context: commits a revoked partition's

@@ -3,7 +3,8 @@
 //! full, and on stop drains the workers before a deadline and commits.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
@@ -16,12 +17,29 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
-use crate::partitions::{Assignments, GroupContext, Slot};
+use crate::partitions::{Assignments, GroupContext, Slot, backlogged};
 use crate::stats::Stats;
 use crate::worker::{self, Shared};
 
 /// How often settled watermarks are stored and paused partitions checked.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long reading may wait for backlogged workers before it goes on
+/// and leaves a stuck partition to be paused when its queue is full.
+const STALL_GRACE: Duration = Duration::from_millis(500);
+
+/// Whether the consume loop reads. Reading stops while the workers are
+/// backlogged: librdkafka then holds what it fetched and stops fetching,
+/// which costs nothing, whereas pausing a partition drops what was
+/// fetched for it, to be fetched again on resume.
+#[derive(Default)]
+struct Gate {
+    /// When reading stopped; `None` while reading.
+    closed_since: Option<Instant>,
+    /// Set when the workers did not catch up within `STALL_GRACE`: reading
+    /// goes on regardless until the backlog clears.
+    suspended: bool,
+}
 
 /// The Kafka consumer this runtime drives.
 pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
@@ -45,12 +63,19 @@ impl Runtime {
         let mut workers = JoinSet::new();
         let mut tick = tokio::time::interval(STORE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gate = Gate::default();
         loop {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => self.store_watermarks(consumer),
-                _ = self.shared.drained.notified() => self.store_watermarks(consumer),
+                _ = tick.tick() => {
+                    self.store_watermarks(consumer);
+                    self.recheck(&mut gate);
+                }
+                _ = self.shared.drained.notified() => {
+                    self.store_watermarks(consumer);
+                    self.recheck(&mut gate);
+                }
                 Some(joined) = workers.join_next(), if !workers.is_empty() => {
                     if let Err(error) = joined {
                         // Its partition stops moving (and /readyz says so)
@@ -58,8 +83,14 @@ impl Runtime {
                         tracing::error!(%error, "a partition worker failed");
                     }
                 }
-                message = consumer.recv() => match message {
-                    Ok(message) => self.dispatch(consumer, &message, &mut workers, stop),
+                message = consumer.recv(), if gate.closed_since.is_none() => match message {
+                    Ok(message) => {
+                        let backlogged = self.dispatch(consumer, &message, &mut workers, stop);
+                        if backlogged && !gate.suspended {
+                            gate.closed_since = Some(Instant::now());
+                            self.shared.backlogged.store(true, Ordering::Release);
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "Kafka consume error");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -86,14 +117,37 @@ impl Runtime {
         }
     }
 
-    /// Hands `message` to its partition's worker, starting one if needed.
+    /// Opens a closed gate once the workers caught up, or once they have
+    /// not for `STALL_GRACE` (a worker waiting out a failure): then reading
+    /// goes on until that backlog clears, and a partition whose queue
+    /// fills up is paused on its own.
+    fn recheck(&self, gate: &mut Gate) {
+        let backlogged = self.assignments.backlogged(self.gate_at());
+        match gate.closed_since {
+            Some(_) if !backlogged => *gate = Gate::default(),
+            Some(since) if since.elapsed() >= STALL_GRACE => {
+                *gate = Gate { closed_since: None, suspended: true };
+            }
+            Some(_) => return,
+            None => gate.suspended &= backlogged,
+        }
+        self.shared.backlogged.store(false, Ordering::Release);
+    }
+
+    /// The mean queue of unpaused partitions at which reading stops.
+    fn gate_at(&self) -> usize {
+        (self.max_queued / 2).max(1)
+    }
+
+    /// Hands `message` to its partition's worker, starting one if needed;
+    /// true if the workers are now backlogged (see [`Runtime::gate_at`]).
     fn dispatch(
         &self,
         consumer: &GroupConsumer,
         message: &BorrowedMessage<'_>,
         workers: &mut JoinSet<()>,
         stop: &CancellationToken,
-    ) {
+    ) -> bool {
         Stats::add(&self.shared.stats.consumed, 1);
         let (topic, partition) = (message.topic(), message.partition());
         let mut slots = self.assignments.lock();
@@ -113,7 +167,7 @@ impl Runtime {
         if slot.sender.send(message.detach()).is_err() {
             // The worker stopped: the partition is being revoked or the
             // consumer stopping; the record is read again by its next owner.
-            return;
+            return false;
         }
         if slot.enqueued(self.max_queued) {
             let mut paused = TopicPartitionList::new();
@@ -122,6 +176,7 @@ impl Runtime {
                 tracing::warn!(%error, topic, partition, "pausing a full partition failed");
             }
         }
+        backlogged(&slots, self.gate_at())
     }
 
     /// Stores watermarks that moved (librdkafka commits them in the

@@ -14,6 +14,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use event_identity::contract::{bearer_token, parse_data, parse_headers};
@@ -46,8 +47,12 @@ pub(crate) struct Shared {
     /// A paused partition is resumed when its queue is down to this.
     pub resume_at: usize,
     /// Woken when a paused partition's queue is down to `resume_at`, so
-    /// the consume loop resumes it at once.
+    /// the consume loop resumes it at once, and after every settled batch
+    /// while the consume loop waits for the workers (`backlogged`).
     pub drained: Notify,
+    /// Set while the consume loop has stopped reading because the workers'
+    /// queues are half full on average.
+    pub backlogged: AtomicBool,
     pub stats: Arc<Stats>,
     /// Seconds per token verification (cache hits included).
     pub verification_seconds: Histogram,
@@ -90,7 +95,8 @@ pub(crate) async fn run(
         match shared.settle_batch(&batch, &halt).await {
             Some(next_offset) => {
                 progress.settled(next_offset, received);
-                if progress.paused() && progress.queued() <= shared.resume_at {
+                let resumable = progress.paused() && progress.queued() <= shared.resume_at;
+                if resumable || shared.backlogged.load(Ordering::Acquire) {
                     shared.drained.notify_one();
                 }
             }

@@ -1,7 +1,8 @@
 //! Failures an attack run found, each kept as a test: a header name that is
 //! not UTF-8, a replay after the inbox marker was purged, a partition stuck
-//! before its first commit, and a paused partition handed back after a
-//! rebalance. None may stop a partition or hide from /readyz.
+//! before its first commit, a paused partition handed back after a
+//! rebalance, and a stuck partition beside busy ones. None may stop a
+//! partition or hide from /readyz.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,13 +168,24 @@ async fn readyz_reports_a_partition_stuck_before_its_first_commit() {
     consumer.stop().await;
 }
 
-/// Fails transiently until opened.
-struct Gate(Arc<AtomicBool>);
+/// Fails transiently until opened: for every event, or only for those of
+/// one partition.
+struct Gate {
+    open: Arc<AtomicBool>,
+    partition: Option<i32>,
+}
+
+impl Gate {
+    fn closed(open: &Arc<AtomicBool>) -> Arc<Self> {
+        Arc::new(Gate { open: open.clone(), partition: None })
+    }
+}
 
 impl Handler for Gate {
     fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a> {
         Box::pin(async move {
-            if !self.0.load(Ordering::SeqCst) {
+            let held = self.partition.is_none_or(|p| p == event.partition);
+            if held && !self.open.load(Ordering::SeqCst) {
                 return Err(HandlerError::Transient("the gate is closed".into()));
             }
             RecordEvents.handle(event, tx).await
@@ -200,13 +212,13 @@ async fn a_partition_paused_for_back_pressure_resumes_after_a_rebalance() {
     let gate = open.clone();
     let a = start_consumer_with(&topic, issuer.issuer(), dir.clone(), move |mut config| {
         config.max_queued_per_partition = 3;
-        ConsumerBuilder::new(config).handler(Arc::new(Gate(gate)))
+        ConsumerBuilder::new(config).handler(Gate::closed(&gate))
     })
     .await;
     a.wait_for("both queues full", WAIT, |s| s.consumed.load(Ordering::Relaxed) >= 6).await;
     let b = start_consumer_with(&topic, issuer.issuer(), dir.clone(), |mut config| {
         config.max_queued_per_partition = 3;
-        ConsumerBuilder::new(config).handler(Arc::new(Gate(Arc::new(AtomicBool::new(false)))))
+        ConsumerBuilder::new(config).handler(Gate::closed(&Arc::new(AtomicBool::new(false))))
     })
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -220,4 +232,55 @@ async fn a_partition_paused_for_back_pressure_resumes_after_a_rebalance() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_partition_does_not_hold_back_reading_for_the_others() {
+    require_services().await;
+    let (issuer, token) = issuer_and_token().await;
+    let topic = fresh_topic(3).await;
+    let write = |partition: i32| {
+        let (topic, token) = (topic.clone(), token.clone());
+        async move {
+            for _ in 0..40 {
+                let id = uuid::Uuid::new_v4().to_string();
+                write_record_at(&topic, partition, &id, Some(&token), ORDER).await;
+            }
+        }
+    };
+    write(0).await;
+
+    // Partition 0's queue fills behind its failing handler; then the
+    // others get work, and reading must go on for them.
+    let open = Arc::new(AtomicBool::new(false));
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let stuck = Arc::new(Gate { open: open.clone(), partition: Some(0) });
+    let consumer = start_consumer_with(&topic, issuer.issuer(), dir, move |mut config| {
+        config.max_queued_per_partition = 8;
+        config.batch_size = 4;
+        ConsumerBuilder::new(config).handler(stuck)
+    })
+    .await;
+    consumer
+        .wait_for("partition 0's queue full", WAIT, |s| s.consumed.load(Ordering::Relaxed) >= 8)
+        .await;
+    write(1).await;
+    write(2).await;
+    let deadline = Instant::now() + WAIT;
+    while committed_offsets(&topic, 3).await[1..] != [40, 40] {
+        assert!(Instant::now() < deadline, "held back: {:?}", consumer.stats);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(consumer.event_count().await, 80);
+    assert_eq!(committed_offsets(&topic, 1).await, [-1001], "nothing of partition 0 settled");
+
+    open.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + WAIT;
+    while committed_offsets(&topic, 3).await != [40, 40, 40] {
+        assert!(Instant::now() < deadline, "partition 0 did not finish: {:?}", consumer.stats);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(consumer.event_count().await, 120);
+    assert_eq!(consumer.stats.dead_lettered.load(Ordering::Relaxed), 0);
+    consumer.stop().await;
 }
