@@ -155,9 +155,15 @@ impl ConsumerBuilder {
             .set("heartbeat.interval.ms", (config.session_timeout_ms / 3).min(3000).to_string())
             .set("enable.partition.eof", "false")
             .set("statistics.interval.ms", "1000")
-            // librdkafka fetches ahead up to 64 MiB by default; the workers'
-            // queues already hold --max-queued-per-partition records each.
+            // librdkafka fetches ahead up to 100,000 records per partition
+            // or 64 MiB by default, counting only record values in the
+            // bytes (the event token in the headers is most of a record);
+            // the workers' queues already hold up to as many records again.
+            .set("queued.min.messages", config.max_queued_per_partition.to_string())
             .set("queued.max.messages.kbytes", FETCH_QUEUE_KBYTES.to_string())
+            // With a limit reached, librdkafka waits this long before it
+            // looks again (1 s by default, an idle gap for the workers).
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
             .create_with_context(context)
             .context("--kafka-bootstrap: cannot create the Kafka consumer")?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -214,8 +220,13 @@ impl ConsumerBuilder {
     }
 }
 
-/// What librdkafka may hold of fetched records not yet handed over, in KiB.
+/// What librdkafka may hold of fetched record values not yet handed over,
+/// in KiB.
 const FETCH_QUEUE_KBYTES: u32 = 16 * 1024;
+
+/// How soon librdkafka fetches again for a partition whose read-ahead was
+/// full, in milliseconds.
+const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
 /// How long open `/metrics` or `/readyz` requests may take once stopping.
 const OPS_DRAIN: Duration = Duration::from_secs(2);
