@@ -12,8 +12,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 kafka_port="${EI_KAFKA_PORT:-19092}"
 keycloak_port="${EI_KEYCLOAK_PORT:-18080}"
 producer_addr=127.0.0.1:${EI_DEMO_PRODUCER_PORT:-18081}
+consumer_ops=127.0.0.1:${EI_DEMO_CONSUMER_PORT:-18082}
 issuer="http://127.0.0.1:$keycloak_port/realms/event-identity"
 run_dir="${EI_RUN_DIR:-target}/demo"
+case "$run_dir" in /*) ;; *) run_dir="$PWD/$run_dir" ;; esac
 topic="demo-$(date +%s)"
 
 pids=()
@@ -51,8 +53,8 @@ EI_AUDIENCE=order-consumer \
 	EI_GROUP=demo-consumer \
 	EI_DEAD_LETTER_TOPIC="$topic.dead-letter" \
 	EI_ROUTES="type=com.example.order.created,scope=events:order.created,claim_equals_field=tenant:tenant" \
-	EI_DATABASE_URL="sqlite://$PWD/$run_dir/inbox.db?mode=rwc" \
-	EI_OPS_LISTEN=127.0.0.1:0 \
+	EI_DATABASE_URL="sqlite://$run_dir/inbox.db?mode=rwc" \
+	EI_OPS_LISTEN="$consumer_ops" \
 	"$bin/event-consumer" >"$run_dir/consumer.log" 2>&1 &
 pids+=($!)
 EI_PRODUCER_LISTEN="$producer_addr" \
@@ -61,13 +63,17 @@ EI_PRODUCER_LISTEN="$producer_addr" \
 	EI_ROUTES="type=com.example.order.created,requires=orders:write,scope=events:order.created,audience=order-consumer" \
 	"$bin/event-producer" >"$run_dir/producer.log" 2>&1 &
 pids+=($!)
+# Both must answer ready: the producer once it reaches Kafka and the
+# issuer, the consumer once it holds the topic's partition.
 ready=
 for _ in $(seq 1 150); do
-	curl -sf "http://$producer_addr/readyz" >/dev/null && { ready=1; break; }
+	kill -0 "${pids[@]}" 2>/dev/null || break
+	curl -sf "http://$producer_addr/readyz" >/dev/null &&
+		curl -sf "http://$consumer_ops/readyz" >/dev/null && { ready=1; break; }
 	sleep 0.2
 done
 if [ -z "$ready" ]; then
-	echo "demo.sh: the producer did not become ready in 30 s; its log and the consumer's end with:" >&2
+	echo "demo.sh: the producer ($producer_addr) or the consumer (ops $consumer_ops) stopped or did not become ready in 30 s; their logs end with:" >&2
 	tail -n 5 "$run_dir/producer.log" "$run_dir/consumer.log" >&2
 	exit 1
 fi
@@ -101,7 +107,7 @@ sleep 3
 say "what the consumer recorded (inbox $run_dir/inbox.db)"
 python3 - "$run_dir/inbox.db" <<'PY'
 import json, sqlite3, sys
-db = sqlite3.connect(sys.argv[1])
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
 # The realm gives its users fixed IDs, so the demo can name them.
 users = {"11111111-1111-4111-8111-111111111111": "alice", "22222222-2222-4222-8222-222222222222": "bob"}
 rows = db.execute("SELECT message_id, subject, claims, data FROM events").fetchall()
