@@ -6,18 +6,21 @@
 # Builds the benchmark in release mode, starts Kafka (scripts/kafka.sh) and
 # PostgreSQL (scripts/postgres.sh) unless they already answer, runs
 # `event-identity-bench run` with this script's arguments, and stops only
-# the services it started. Writes the table into docs/benchmarks.md and the
-# figures to target/bench/results.json.
+# the services it started. Prints the table and writes every figure to
+# target/bench/results.json; the default run (no arguments) also writes the
+# table into docs/benchmarks.md, any other run only with
+# EI_BENCH_DOCS=1 (so a partial run does not replace the published one).
 #
 #   scripts/bench.sh                                  the default run (see docs/benchmarks.md)
 #   scripts/bench.sh --sizes 50000,200000,800000      consumer sizes
 #   scripts/bench.sh --variants plain,secure-sqlite --publishes 0
 #   scripts/bench.sh --batch-size 512 --consumer-arg=--session-timeout-ms=6000
 #   target/release/event-identity-bench run --help    every option
+#                                (under $CARGO_TARGET_DIR if it is set)
 #
 # Environment: EI_KAFKA_PORT (default 19092) and EI_POSTGRES_PORT (default
 # 15432), as scripts/test.sh; EI_KEEP_SERVICES=1 leaves the services this
-# script started running.
+# script started running; EI_BENCH_DOCS=1 (see above).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -65,10 +68,17 @@ revision="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD -- shared producer consumer 2>/dev/null ||
 	revision="$revision with uncommitted changes to shared/, producer/ or consumer/"
 
+markdown=()
+if [ $# -eq 0 ] || [ "${EI_BENCH_DOCS:-0}" = 1 ]; then
+	markdown=(--markdown docs/benchmarks.md)
+else
+	log "not the default run: docs/benchmarks.md is left as it is (EI_BENCH_DOCS=1 writes it)"
+fi
+
 EI_BENCH_COMMAND="scripts/bench.sh${*:+ $*}" EI_BENCH_REVISION="$revision" \
-	target/release/event-identity-bench run \
+	"${CARGO_TARGET_DIR:-target}/release/event-identity-bench" run \
 	--kafka-bootstrap "127.0.0.1:$kafka_port" \
 	--postgres "postgres://events@127.0.0.1:$postgres_port" \
 	--results target/bench/results.json \
-	--markdown docs/benchmarks.md \
+	${markdown[@]+"${markdown[@]}"} \
 	"$@"

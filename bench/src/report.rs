@@ -140,9 +140,13 @@ pub struct Target {
     /// The figure measured.
     pub measured: String,
     /// Whether the goal is met; `None` where the issue asks only for the
-    /// figure.
+    /// figure, or where the run could not measure it (`measured` then
+    /// starts with [`NOT_MEASURED`]).
     pub met: Option<bool>,
 }
+
+/// How `Target::measured` begins for a target the run could not measure.
+const NOT_MEASURED: &str = "not measured";
 
 fn mib(kib: Option<u64>) -> Option<f64> {
     kib.map(|k| k as f64 / 1024.0)
@@ -246,6 +250,14 @@ impl Report {
                     met: Some(r <= FLAT_MEMORY_RATIO),
                 });
             }
+        } else if !self.consumers.is_empty() {
+            targets.push(Target {
+                goal: format!("consumer peak memory flat from N/4 to 4N (≤ {FLAT_MEMORY_RATIO}×)"),
+                measured: format!(
+                    "{NOT_MEASURED}: this run had one size (`--sizes` takes several)"
+                ),
+                met: None,
+            });
         }
         self.targets = targets;
     }
@@ -355,6 +367,7 @@ impl Report {
             let verdict = match target.met {
                 Some(true) => "met",
                 Some(false) => "**missed**",
+                None if target.measured.starts_with(NOT_MEASURED) => "-",
                 None => "reported",
             };
             let _ = writeln!(out, "| {} | {} | {verdict} |", target.goal, target.measured);
