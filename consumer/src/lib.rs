@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use event_identity::discovery::resolve;
+use event_identity::discovery::{check_settings, resolve};
+use event_identity::http::check_url;
 use event_identity::jwks::JwksTiming;
 use event_identity::ops::{JwksMetrics, latency_buckets};
 use event_identity::service::{check_kafka, serve_ops};
@@ -83,13 +84,7 @@ impl ConsumerBuilder {
     /// and subscribes. Errors name the setting at fault.
     pub async fn build(self) -> anyhow::Result<EventConsumer> {
         let config = self.config;
-        if config.topics.contains(&config.dead_letter_topic) {
-            anyhow::bail!(
-                "--dead-letter-topic: {:?} is also consumed (--topic): every rejected record \
-                 would come back and be rejected again",
-                config.dead_letter_topic
-            );
-        }
+        check_topics(&config)?;
         let handler: Arc<dyn Handler> = match (self.handler, &config.forward_url) {
             (Some(handler), _) => handler,
             (None, Some(url)) => {
@@ -310,7 +305,16 @@ pub async fn run(
     config: ConsumerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // A broker must answer before the service claims to have started.
+    // Settings that need no request are checked first, then a broker must
+    // answer before the service claims to have started.
+    check_topics(&config)?;
+    let (jwks_url, forward_url) = (config.jwks_url.as_deref(), config.forward_url.as_deref());
+    check_settings(&config.issuer, jwks_url, None, config.allow_plain_http)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(url) = forward_url {
+        check_url(url, config.allow_plain_http)
+            .map_err(|e| anyhow::anyhow!("--forward-url: {e}"))?;
+    }
     let brokers = check_kafka(&config.kafka_bootstrap, KAFKA_CHECK_TIMEOUT)
         .await
         .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;
@@ -328,6 +332,18 @@ pub async fn run(
         trigger.cancel();
     });
     consumer.run(stop).await;
+    Ok(())
+}
+
+/// Refuses a dead-letter topic that is also consumed.
+fn check_topics(config: &ConsumerConfig) -> anyhow::Result<()> {
+    if config.topics.contains(&config.dead_letter_topic) {
+        anyhow::bail!(
+            "--dead-letter-topic: {:?} is also consumed (--topic): every rejected record would \
+             come back and be rejected again",
+            config.dead_letter_topic
+        );
+    }
     Ok(())
 }
 

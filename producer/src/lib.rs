@@ -143,6 +143,15 @@ pub async fn run(
     config: ProducerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Settings that need no request are checked before any service is.
+    let (jwks_url, token_endpoint) = (config.jwks_url.as_deref(), config.token_endpoint.as_deref());
+    event_identity::discovery::check_settings(
+        &config.issuer,
+        jwks_url,
+        token_endpoint,
+        config.allow_plain_http,
+    )
+    .map_err(anyhow::Error::msg)?;
     let brokers = event_identity::service::check_kafka(&config.kafka_bootstrap, KAFKA_CHECK)
         .await
         .map_err(|e| anyhow::anyhow!("--kafka-bootstrap: {e}"))?;

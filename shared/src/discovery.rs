@@ -74,6 +74,34 @@ pub struct Endpoints {
     pub token_endpoint: Option<reqwest::Url>,
 }
 
+/// Checks the configured issuer and endpoint URLs without a request, so
+/// that a bad one stops the start before any service is reached. Errors
+/// name the setting at fault.
+pub fn check_settings(
+    issuer: &str,
+    jwks_url: Option<&str>,
+    token_endpoint: Option<&str>,
+    allow_plain_http: bool,
+) -> Result<(), String> {
+    check_url(issuer, allow_plain_http).map_err(|e| format!("--issuer: {e}"))?;
+    configured(jwks_url, token_endpoint, allow_plain_http).map(drop)
+}
+
+/// The configured JWKS URL and token endpoint, checked.
+fn configured(
+    jwks_url: Option<&str>,
+    token_endpoint: Option<&str>,
+    allow_plain_http: bool,
+) -> Result<(Option<reqwest::Url>, Option<reqwest::Url>), String> {
+    let jwks = jwks_url
+        .map(|url| check_url(url, allow_plain_http).map_err(|e| format!("--jwks-url: {e}")))
+        .transpose()?;
+    let token = token_endpoint
+        .map(|url| check_url(url, allow_plain_http).map_err(|e| format!("--token-endpoint: {e}")))
+        .transpose()?;
+    Ok((jwks, token))
+}
+
 /// Resolves the JWKS URL (and the token endpoint when `need_token`): the
 /// configured ones when given, otherwise from the issuer's discovery
 /// document, which is fetched only if something is missing. Errors name
@@ -86,12 +114,7 @@ pub async fn resolve(
     need_token: bool,
     allow_plain_http: bool,
 ) -> Result<Endpoints, String> {
-    let jwks = jwks_url
-        .map(|url| check_url(url, allow_plain_http).map_err(|e| format!("--jwks-url: {e}")))
-        .transpose()?;
-    let token = token_endpoint
-        .map(|url| check_url(url, allow_plain_http).map_err(|e| format!("--token-endpoint: {e}")))
-        .transpose()?;
+    let (jwks, token) = configured(jwks_url, token_endpoint, allow_plain_http)?;
     if let (Some(jwks_uri), true) = (&jwks, token.is_some() || !need_token) {
         return Ok(Endpoints { jwks_uri: jwks_uri.clone(), token_endpoint: token });
     }

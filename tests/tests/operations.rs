@@ -190,6 +190,7 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
         ("EI_DATABASE_URL", "postgres://events:p@ssHUNTER2@127.0.0.1:1/x?password=hunter2".into());
     let unreachable = ("EI_KAFKA_BOOTSTRAP", "127.0.0.1:1".to_owned());
     let bad_issuer = ("EI_ISSUER", "not-a-url".to_owned());
+    let plain_issuer = ("EI_ISSUER", "http://idp.example/realms/x".to_owned());
     let no_audience =
         ("EI_ROUTES", format!("type={EVENT_TYPE},requires=orders:write,scope={EVENT_SCOPE}"));
 
@@ -258,7 +259,41 @@ async fn bad_settings_stop_each_binary_with_one_line_naming_the_setting() {
         ),
         ("event-producer", producer(&[bad_issuer], ""), 1, "--issuer"),
         ("event-producer", producer(&[no_audience], ""), 2, "audience"),
-        ("event-producer", producer(&[unreachable], ""), 1, "--kafka-bootstrap"),
+        (
+            "event-producer",
+            producer(std::slice::from_ref(&unreachable), ""),
+            1,
+            "--kafka-bootstrap",
+        ),
+        // Settings wrong in themselves are named before Kafka is tried.
+        (
+            "event-producer",
+            producer(&[unreachable.clone(), plain_issuer.clone()], ""),
+            1,
+            "--issuer",
+        ),
+        (
+            "event-producer",
+            producer(
+                &[unreachable.clone(), ("EI_TOKEN_ENDPOINT", "http://idp.example/t".into())],
+                "",
+            ),
+            1,
+            "--token-endpoint",
+        ),
+        ("event-consumer", consumer(&[unreachable.clone(), plain_issuer], ""), 1, "--issuer"),
+        (
+            "event-consumer",
+            consumer(&[unreachable.clone(), ("EI_DEAD_LETTER_TOPIC", "events".into())], ""),
+            1,
+            "--dead-letter-topic",
+        ),
+        (
+            "event-consumer",
+            consumer(&[unreachable, ("EI_FORWARD_URL", "http://app.example/events".into())], ""),
+            1,
+            "--forward-url",
+        ),
     ];
     let runs: Vec<_> = cases
         .into_iter()
