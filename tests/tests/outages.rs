@@ -24,9 +24,14 @@ async fn publish(url: &str, token: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// The second broker these tests stop and start: on the test broker's port
+/// plus 100 and 101, its data in `$EI_RUN_DIR/outage` (default
+/// `target/services/outage`).
 fn outage_broker_env() -> Vec<(&'static str, String)> {
     let base: u16 = kafka_bootstrap().rsplit(':').next().unwrap().parse().unwrap();
-    let run_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/services-outage").to_owned();
+    let run_root = std::env::var("EI_RUN_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/services").to_owned());
+    let run_dir = format!("{run_root}/outage");
     vec![
         ("EI_KAFKA_PORT", (base + 100).to_string()),
         ("EI_KAFKA_CONTROLLER_PORT", (base + 101).to_string()),
