@@ -47,7 +47,8 @@ def ranges(source):
     found = {}
     text = (ROOT / source).read_text()
     for m in re.finditer(r'env = "(\w+)"[^\n]*?\.range\(([\d_]+)\.\.=([\d_]+)\)', text):
-        found[m.group(1)] = (m.group(2).replace("_", ","), m.group(3).replace("_", ","))
+        low, high = (int(g.replace("_", "")) for g in m.group(2, 3))
+        found[m.group(1)] = (f"{low:,}", f"{high:,}")
     return found
 
 
