@@ -113,8 +113,8 @@ pub struct ConsumerConfig {
 
     /// Messages read ahead and waiting for one partition's worker before
     /// that partition is paused (resumed when half have settled); reading
-    /// waits while unpaused partitions hold half of this on average, and
-    /// librdkafka fetches ahead at most this many per partition.
+    /// waits while moving partitions hold half of this on average, and
+    /// librdkafka fetches again for a partition holding fewer than this.
     #[arg(long, env = "EI_MAX_QUEUED_PER_PARTITION", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_queued_per_partition: u64,
 

@@ -10,8 +10,9 @@
 //! finishes later is never committed by this consumer. The new owner reads
 //! from the committed watermark and the inbox absorbs any repeat.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::message::OwnedMessage;
@@ -31,6 +32,9 @@ pub(crate) struct Progress {
     queued: AtomicUsize,
     /// Whether the consume loop paused the partition for a full queue.
     paused: AtomicBool,
+    /// When the worker last settled a batch, or its queue last became
+    /// non-empty, whichever is later ([`millis`]).
+    moved_at: AtomicU64,
 }
 
 impl Default for Progress {
@@ -39,8 +43,20 @@ impl Default for Progress {
             next_offset: AtomicI64::new(-1),
             queued: AtomicUsize::new(0),
             paused: AtomicBool::new(false),
+            moved_at: AtomicU64::new(millis()),
         }
     }
+}
+
+/// How long a worker holding messages may go without settling any before
+/// its partition counts as stalled: waiting out a failure, or stuck in a
+/// handler. Reading then stops waiting for it.
+pub(crate) const STALL_GRACE: Duration = Duration::from_millis(500);
+
+/// Milliseconds since the first call: a monotonic clock in a `u64`.
+fn millis() -> u64 {
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    START.elapsed().as_millis() as u64
 }
 
 impl Progress {
@@ -48,6 +64,14 @@ impl Progress {
     pub fn settled(&self, next_offset: i64, messages: usize) {
         self.next_offset.fetch_max(next_offset, Ordering::AcqRel);
         self.queued.fetch_sub(messages, Ordering::AcqRel);
+        self.moved_at.store(millis(), Ordering::Release);
+    }
+
+    /// Whether the worker holds messages and has settled none for
+    /// [`STALL_GRACE`].
+    fn stalled(&self, now: u64) -> bool {
+        let since = now.saturating_sub(self.moved_at.load(Ordering::Acquire));
+        self.queued() > 0 && since >= STALL_GRACE.as_millis() as u64
     }
 
     /// Records that `messages` left the queue without settling.
@@ -105,6 +129,9 @@ impl Slot {
     /// just reached `high` and the partition should be paused.
     pub fn enqueued(&mut self, high: usize) -> bool {
         let queued = self.progress.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        if queued == 1 {
+            self.progress.moved_at.store(millis(), Ordering::Release);
+        }
         queued >= high && !self.progress.paused.swap(true, Ordering::AcqRel)
     }
 }
@@ -142,8 +169,9 @@ impl Assignments {
         (moved, resume)
     }
 
-    /// Whether the workers of unpaused partitions have, on average, at
-    /// least `gate` messages waiting: reading more would only fill queues.
+    /// Whether the workers of the partitions that are neither paused nor
+    /// stalled have, on average, at least `gate` messages waiting: reading
+    /// more would only fill queues.
     pub fn backlogged(&self, gate: usize) -> bool {
         backlogged(&self.lock(), gate)
     }
@@ -173,12 +201,13 @@ impl Assignments {
 
 /// See [`Assignments::backlogged`]; for a caller holding the lock.
 pub(crate) fn backlogged(slots: &[Slot], gate: usize) -> bool {
-    let (mut unpaused, mut queued) = (0, 0);
-    for slot in slots.iter().filter(|slot| !slot.progress.paused()) {
-        unpaused += 1;
+    let now = millis();
+    let (mut moving, mut queued) = (0, 0);
+    for slot in slots.iter().filter(|slot| !slot.progress.paused() && !slot.progress.stalled(now)) {
+        moving += 1;
         queued += slot.progress.queued();
     }
-    unpaused > 0 && queued >= gate.saturating_mul(unpaused)
+    moving > 0 && queued >= gate.saturating_mul(moving)
 }
 
 /// The consumer's librdkafka context: commits a revoked partition's

@@ -17,16 +17,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
-use crate::partitions::{Assignments, GroupContext, Slot, backlogged};
+use crate::partitions::{Assignments, GroupContext, STALL_GRACE, Slot, backlogged};
 use crate::stats::Stats;
 use crate::worker::{self, Shared};
 
 /// How often settled watermarks are stored and paused partitions checked.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
-
-/// How long reading may wait for backlogged workers before it goes on
-/// and leaves a stuck partition to be paused when its queue is full.
-const STALL_GRACE: Duration = Duration::from_millis(500);
 
 /// Whether the consume loop reads. Reading stops while the workers are
 /// backlogged: librdkafka then holds what it fetched and stops fetching,
@@ -117,10 +113,11 @@ impl Runtime {
         }
     }
 
-    /// Opens a closed gate once the workers caught up, or once they have
-    /// not for `STALL_GRACE` (a worker waiting out a failure): then reading
-    /// goes on until that backlog clears, and a partition whose queue
-    /// fills up is paused on its own.
+    /// Opens a closed gate once the workers caught up (a stalled partition
+    /// no longer counts), or once they have not for `STALL_GRACE`, so that
+    /// the consumer never stops polling for long (rebalances, librdkafka's
+    /// poll interval): then reading goes on until that backlog clears, and
+    /// a partition whose queue fills up is paused on its own.
     fn recheck(&self, gate: &mut Gate) {
         let backlogged = self.assignments.backlogged(self.gate_at());
         match gate.closed_since {
@@ -134,7 +131,7 @@ impl Runtime {
         self.shared.backlogged.store(false, Ordering::Release);
     }
 
-    /// The mean queue of unpaused partitions at which reading stops.
+    /// The mean queue of moving partitions at which reading stops.
     fn gate_at(&self) -> usize {
         (self.max_queued / 2).max(1)
     }

@@ -4,14 +4,15 @@
 //! rebalance, and a stuck partition beside busy ones. None may stop a
 //! partition or hide from /readyz.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use event_identity::dev_issuer::{DevIssuer, KeyMaterial};
 use event_identity_consumer::RecordEvents;
 use event_identity_consumer::{ConsumerBuilder, Event, Handler, HandlerError, HandlerFuture};
-use event_identity_tests::process::committed_offsets;
+use event_identity_tests::process::{EventRecord, committed_offsets, write_events};
 use event_identity_tests::*;
 use rdkafka::Message as _;
 use rdkafka::message::Headers as _;
@@ -169,26 +170,56 @@ async fn readyz_reports_a_partition_stuck_before_its_first_commit() {
 }
 
 /// Fails transiently until opened: for every event, or only for those of
-/// one partition.
+/// one partition. Counts the batches it settles, per partition.
 struct Gate {
     open: Arc<AtomicBool>,
     partition: Option<i32>,
+    batches: Mutex<HashMap<i32, usize>>,
 }
 
 impl Gate {
     fn closed(open: &Arc<AtomicBool>) -> Arc<Self> {
-        Arc::new(Gate { open: open.clone(), partition: None })
+        Self::closed_for(open, None)
+    }
+
+    fn closed_for(open: &Arc<AtomicBool>, partition: Option<i32>) -> Arc<Self> {
+        Arc::new(Gate { open: open.clone(), partition, batches: Mutex::default() })
+    }
+
+    fn batches(&self, partition: i32) -> usize {
+        self.batches.lock().unwrap().get(&partition).copied().unwrap_or(0)
+    }
+}
+
+impl Gate {
+    fn check(&self, events: &[&Event]) -> Result<(), HandlerError> {
+        let held = events.iter().any(|e| self.partition.is_none_or(|p| p == e.partition));
+        if held && !self.open.load(Ordering::SeqCst) {
+            return Err(HandlerError::Transient("the gate is closed".into()));
+        }
+        Ok(())
     }
 }
 
 impl Handler for Gate {
     fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let held = self.partition.is_none_or(|p| p == event.partition);
-            if held && !self.open.load(Ordering::SeqCst) {
-                return Err(HandlerError::Transient("the gate is closed".into()));
-            }
+            self.check(&[event])?;
             RecordEvents.handle(event, tx).await
+        })
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        events: &'a [&'a Event],
+        tx: &'a mut AnyConnection,
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            self.check(events)?;
+            RecordEvents.handle_batch(events, tx).await?;
+            let partition = events.first().map_or(-1, |e| e.partition);
+            *self.batches.lock().unwrap().entry(partition).or_default() += 1;
+            Ok(())
         })
     }
 }
@@ -254,7 +285,7 @@ async fn a_stuck_partition_does_not_hold_back_reading_for_the_others() {
     // others get work, and reading must go on for them.
     let open = Arc::new(AtomicBool::new(false));
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let stuck = Arc::new(Gate { open: open.clone(), partition: Some(0) });
+    let stuck = Gate::closed_for(&open, Some(0));
     let consumer = start_consumer_with(&topic, issuer.issuer(), dir, move |mut config| {
         config.max_queued_per_partition = 8;
         config.batch_size = 4;
@@ -283,4 +314,58 @@ async fn a_stuck_partition_does_not_hold_back_reading_for_the_others() {
     assert_eq!(consumer.event_count().await, 120);
     assert_eq!(consumer.stats.dead_lettered.load(Ordering::Relaxed), 0);
     consumer.stop().await;
+}
+
+/// Settles 4,000 records of partition 1, with `stuck` records of partition
+/// 0 waiting behind a failing handler; the number of batches partition 1
+/// took.
+async fn batches_beside_a_stuck_partition(stuck: usize) -> usize {
+    let (issuer, token) = issuer_and_token().await;
+    let records = |partition: i32, count: usize| -> Vec<EventRecord> {
+        (0..count)
+            .map(|_| EventRecord {
+                partition,
+                id: uuid::Uuid::new_v4().to_string(),
+                token: token.clone(),
+                value: String::from_utf8(ORDER.to_vec()).unwrap(),
+            })
+            .collect()
+    };
+    let topic = fresh_topic(2).await;
+    write_events(&topic, &records(0, stuck), 500, Duration::ZERO).await;
+    let open = Arc::new(AtomicBool::new(false));
+    let handler = Gate::closed_for(&open, Some(0));
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let gate = handler.clone();
+    let consumer = start_consumer_with(&topic, issuer.issuer(), dir, move |mut config| {
+        config.max_queued_per_partition = 400;
+        ConsumerBuilder::new(config).handler(gate)
+    })
+    .await;
+    consumer
+        .wait_for("partition 0 read", WAIT, |s| s.consumed.load(Ordering::Relaxed) >= stuck as u64)
+        .await;
+    write_events(&topic, &records(1, 4000), 1000, Duration::ZERO).await;
+    let deadline = Instant::now() + WAIT;
+    while committed_offsets(&topic, 2).await[1] != 4000 {
+        assert!(Instant::now() < deadline, "partition 1 did not finish: {:?}", consumer.stats);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open.store(true, Ordering::SeqCst);
+    consumer.stop().await;
+    handler.batches(1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_partition_just_short_of_being_paused_does_not_shrink_the_others_batches() {
+    require_services().await;
+    // 4,000 records in batches of up to 256: at least 16 batches; alone
+    // they come in a few dozen at most.
+    let alone = batches_beside_a_stuck_partition(0).await;
+    let beside = batches_beside_a_stuck_partition(399).await;
+    assert!(alone <= 100, "{alone} batches alone");
+    assert!(
+        beside <= 2 * alone.max(20),
+        "{beside} batches beside a stuck partition, {alone} alone"
+    );
 }
