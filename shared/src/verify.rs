@@ -315,14 +315,18 @@ impl Verifier {
         token: &str,
         now: SystemTime,
     ) -> Result<Arc<VerifiedClaims>, VerifyError> {
-        let parts = split_token(token, self.config.max_token_bytes)?;
+        check_size(token, self.config.max_token_bytes)?;
         let now = unix_secs(now);
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let generation = self.keys.generation();
+        // A cached token has these very bytes, so it passed every check
+        // below when it was verified: only its lifetime and key set can
+        // have changed since.
         if let Some(claims) = self.cache.get(&hash, now, generation) {
             return Ok(claims);
         }
 
+        let parts = split_token(token)?;
         let header = parse_header(parts.header)?;
         if !self.config.algorithms.contains(&header.alg) {
             return Err(VerifyError::reject(
@@ -467,7 +471,8 @@ struct TokenParts<'a> {
     signature: &'a str,
 }
 
-fn split_token(token: &str, max_bytes: usize) -> Result<TokenParts<'_>, VerifyError> {
+/// Refuses an empty token, and one too long to be worth hashing.
+fn check_size(token: &str, max_bytes: usize) -> Result<(), VerifyError> {
     if token.is_empty() {
         return Err(VerifyError::reject(Rejection::MissingToken, "empty token"));
     }
@@ -477,6 +482,10 @@ fn split_token(token: &str, max_bytes: usize) -> Result<TokenParts<'_>, VerifyEr
             format!("token is {} bytes, more than {max_bytes}", token.len()),
         ));
     }
+    Ok(())
+}
+
+fn split_token(token: &str) -> Result<TokenParts<'_>, VerifyError> {
     let mut parts = token.split('.');
     let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
