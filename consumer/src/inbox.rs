@@ -256,39 +256,18 @@ impl Inbox {
         let candidates: Vec<&Event> =
             events.iter().zip(&first).filter(|(_, first)| **first).map(|(e, _)| *e).collect();
 
-        let mut tx = self.pool.begin().await?;
         let processed_at = now_text();
-        // Candidates by key, to find each inserted row's event without
-        // copying keys.
-        let index: HashMap<(&str, Uuid), usize> = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, e)| ((e.claims.subject.as_str(), e.id), i))
-            .collect();
-        let mut new = vec![false; candidates.len()];
-        for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO inbox (subject, message_id, event_type, processed_at) VALUES {}
-                 ON CONFLICT (message_id, subject) DO NOTHING RETURNING subject, message_id",
-                placeholders(tx.backend_name(), chunk.len(), 4)
-            );
-            let mut insert = sqlx::query(AssertSqlSafe(sql));
-            for event in chunk {
-                insert = insert
-                    .bind(&event.claims.subject)
-                    .bind(event.id.to_string())
-                    .bind(&event.event_type)
-                    .bind(&processed_at);
+        let mut tx = self.pool.begin().await?;
+        let new = match insert_markers(&mut tx, &candidates, &processed_at).await? {
+            true => vec![true; candidates.len()],
+            false => {
+                // Some were processed before: start again, learning which
+                // markers each insert adds.
+                tx.rollback().await?;
+                tx = self.pool.begin().await?;
+                insert_markers_returning(&mut tx, &candidates, &processed_at).await?
             }
-            for row in insert.fetch_all(&mut *tx).await? {
-                let subject: &str = row.try_get(0)?;
-                let id: &str = row.try_get(1)?;
-                let found = Uuid::parse_str(id).ok().and_then(|id| index.get(&(subject, id)));
-                if let Some(&i) = found {
-                    new[i] = true;
-                }
-            }
-        }
+        };
 
         let fresh: Vec<&Event> =
             candidates.iter().zip(&new).filter(|(_, new)| **new).map(|(e, _)| *e).collect();
@@ -321,6 +300,74 @@ impl Inbox {
             .rows_affected();
         Ok(deleted)
     }
+}
+
+/// Inserts the markers of `events` (distinct keys) and says whether all
+/// of them were new; it stops at the first statement that finds one
+/// present, leaving the transaction to be rolled back. The common case
+/// (nothing processed before) thus returns no rows.
+async fn insert_markers(
+    tx: &mut AnyConnection,
+    events: &[&Event],
+    processed_at: &str,
+) -> Result<bool, sqlx::Error> {
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let insert = insert_markers_query(tx.backend_name(), chunk, processed_at, "");
+        if insert.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Inserts the markers of `events` (distinct keys) that are absent and
+/// says, for each event, whether its marker was new.
+async fn insert_markers_returning(
+    tx: &mut AnyConnection,
+    events: &[&Event],
+    processed_at: &str,
+) -> Result<Vec<bool>, sqlx::Error> {
+    // Events by key, to find each inserted row's event without copying keys.
+    let index: HashMap<(&str, Uuid), usize> =
+        events.iter().enumerate().map(|(i, e)| ((e.claims.subject.as_str(), e.id), i)).collect();
+    let mut new = vec![false; events.len()];
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let returning = " RETURNING subject, message_id";
+        let insert = insert_markers_query(tx.backend_name(), chunk, processed_at, returning);
+        for row in insert.fetch_all(&mut *tx).await? {
+            let subject: &str = row.try_get(0)?;
+            let id: &str = row.try_get(1)?;
+            let found = Uuid::parse_str(id).ok().and_then(|id| index.get(&(subject, id)));
+            if let Some(&i) = found {
+                new[i] = true;
+            }
+        }
+    }
+    Ok(new)
+}
+
+/// One statement inserting the markers of `chunk` that are absent, ending
+/// with `tail`.
+fn insert_markers_query<'q>(
+    backend: &str,
+    chunk: &[&'q Event],
+    processed_at: &'q str,
+    tail: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let sql = format!(
+        "INSERT INTO inbox (subject, message_id, event_type, processed_at) VALUES {}
+         ON CONFLICT (message_id, subject) DO NOTHING{tail}",
+        placeholders(backend, chunk.len(), 4)
+    );
+    let mut insert = sqlx::query(AssertSqlSafe(sql));
+    for event in chunk {
+        insert = insert
+            .bind(&event.claims.subject)
+            .bind(event.id.to_string())
+            .bind(&event.event_type)
+            .bind(processed_at);
+    }
+    insert
 }
 
 /// The default handler: records the verified event and the identity it
