@@ -424,9 +424,12 @@ async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), 
     Ok(())
 }
 
-/// Rows per multi-row statement: a few hundred parameters, far below what
-/// SQLite and PostgreSQL allow in one statement.
-const ROWS_PER_STATEMENT: usize = 64;
+/// Rows per multi-row statement, so that a batch of the default size
+/// (256) is one statement per table: at most 3,072 parameters, well below
+/// what SQLite (32,766) and PostgreSQL (65,535) allow in one statement.
+/// Each statement is a round trip to the database (for SQLite, to its
+/// worker thread).
+const ROWS_PER_STATEMENT: usize = 256;
 
 /// `(?, ?), (?, ?), ...` (SQLite) or `($1, $2), ($3, $4), ...` (others)
 /// for `rows` rows of `columns` values. SQLite gets anonymous parameters:
@@ -542,16 +545,37 @@ mod tests {
     #[tokio::test]
     async fn batches_larger_than_one_statement_keep_every_outcome_in_order() {
         let (inbox, _dir) = inbox().await;
-        let events: Vec<Event> = (0..150).map(|n| event("u1", n % 140)).collect();
+        let unique = 2 * ROWS_PER_STATEMENT + 12;
+        let events: Vec<Event> = (0..unique + 10).map(|n| event("u1", (n % unique) as _)).collect();
         let refs: Vec<&Event> = events.iter().collect();
         let outcomes = inbox.process_batch(&refs, &RecordEvents).await.unwrap();
         let processed = outcomes.iter().filter(|o| **o == InboxOutcome::Processed).count();
-        assert_eq!(processed, 140);
-        assert!(outcomes[140..].iter().all(|o| *o == InboxOutcome::Duplicate));
-        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (140, 140));
+        assert_eq!(processed, unique);
+        assert!(outcomes[unique..].iter().all(|o| *o == InboxOutcome::Duplicate));
+        assert_eq!(
+            (count(&inbox, "inbox").await, count(&inbox, "events").await),
+            (unique as i64, unique as i64)
+        );
 
         let again = inbox.process_batch(&refs[..70], &RecordEvents).await.unwrap();
         assert!(again.iter().all(|o| *o == InboxOutcome::Duplicate));
+
+        // A first statement of new markers, then one with old ones among
+        // new: the batch starts again and still commits every new one.
+        let more: Vec<Event> = (unique..unique + ROWS_PER_STATEMENT + 5)
+            .map(|n| event("u1", n as _))
+            .chain((0..20).map(|n| event("u1", n as _)))
+            .collect();
+        let refs: Vec<&Event> = more.iter().collect();
+        let outcomes = inbox.process_batch(&refs, &RecordEvents).await.unwrap();
+        let fresh = ROWS_PER_STATEMENT + 5;
+        assert!(outcomes[..fresh].iter().all(|o| *o == InboxOutcome::Processed));
+        assert!(outcomes[fresh..].iter().all(|o| *o == InboxOutcome::Duplicate));
+        let total = unique + fresh;
+        assert_eq!(
+            (count(&inbox, "inbox").await, count(&inbox, "events").await),
+            (total as i64, total as i64)
+        );
     }
 
     #[tokio::test]

@@ -216,14 +216,12 @@ const KNOWN: [&str; 7] = [
     header::AUTHORIZATION,
 ];
 
-/// Whether `value` holds a control character (Unicode category Cc). The
-/// token makes most of a record's header bytes, and it is ASCII, so ASCII
-/// is checked a byte at a time.
+/// Whether `value` holds a control character (Unicode category Cc).
+/// Printable ASCII (the token, most of a record's header bytes) is
+/// recognised in one pass without decoding.
 fn has_control(value: &str) -> bool {
-    match value.is_ascii() {
-        true => value.bytes().any(|b| b.is_ascii_control()),
-        false => value.chars().any(char::is_control),
-    }
+    let printable = value.bytes().fold(true, |all, b| all & (b' '..=b'~').contains(&b));
+    !printable && value.chars().any(char::is_control)
 }
 
 #[cfg(test)]
