@@ -5,6 +5,11 @@ use clap::Parser as _;
 use event_identity_bench::cli::{Cli, Command};
 use event_identity_bench::{child, consume, publish, run, steps};
 
+/// The allocator of `event-consumer` and `event-producer`, so that the
+/// variants measured here run as the shipped services do.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()

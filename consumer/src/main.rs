@@ -3,6 +3,12 @@
 use event_identity::service::{init_tracing, one_line, parse_config, shutdown_signal};
 use event_identity_consumer::{ConsumerConfig, run};
 
+/// mimalloc rather than the system allocator: the consumer allocates and
+/// frees many small objects per record on several threads, where glibc's
+/// allocator cost about a fifth of its CPU (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config: ConsumerConfig = parse_config("event-consumer");

@@ -3,6 +3,11 @@
 use event_identity::service::{init_tracing, one_line, parse_config, shutdown_signal};
 use event_identity_producer::{ProducerConfig, run};
 
+/// mimalloc, as in `event-consumer`, so that both services run (and are
+/// benchmarked) on the same allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config: ProducerConfig = parse_config("event-producer");
