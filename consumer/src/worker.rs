@@ -175,8 +175,8 @@ impl Shared {
     async fn check(&self, message: &OwnedMessage) -> Check {
         let reject = |reason, detail| Check::Ready(Verdict::Reject(reason, detail));
 
-        let data = match parse_data(message.payload()) {
-            Ok(data) => data,
+        let (data_text, data) = match parse_data(message.payload()) {
+            Ok(parsed) => parsed,
             Err(e) => return reject(e.reason, e.detail),
         };
         let Some(pairs) = header_pairs(message) else {
@@ -215,7 +215,7 @@ impl Shared {
             source: headers.source,
             time: headers.time,
             data,
-            data_text: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+            data_text: data_text.to_owned(),
             claims,
             topic: message.topic().to_owned(),
             partition: message.partition(),

@@ -189,11 +189,16 @@ pub fn topic_name(name: &str) -> Result<String, String> {
     Ok(name.to_owned())
 }
 
-/// Parses the record value as the event's JSON data.
-pub fn parse_data(value: Option<&[u8]>) -> Result<Value, ContractError> {
+/// Parses the record value as the event's JSON data; returns the value as
+/// text too (what is stored and forwarded, unchanged) beside the parsed
+/// data.
+pub fn parse_data(value: Option<&[u8]>) -> Result<(&str, Value), ContractError> {
     let bytes = value.ok_or_else(|| malformed("the record has no value"))?;
-    crate::json::parse_strict(bytes)
-        .map_err(|e| malformed(format!("the value is not strict JSON: {e}")))
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| malformed(format!("the value is not UTF-8: {e}")))?;
+    let data = crate::json::parse_strict_str(text)
+        .map_err(|e| malformed(format!("the value is not strict JSON: {e}")))?;
+    Ok((text, data))
 }
 
 /// The token of an `Authorization: Bearer <token>` value (the scheme is
@@ -287,7 +292,11 @@ mod tests {
     fn non_json_data_is_malformed_payload() {
         let err = parse_data(Some(&[0xFF, 0xFE, 0x00])).unwrap_err();
         assert_eq!(err.reason, Rejection::MalformedPayload);
-        assert_eq!(parse_data(Some(br#"{"a":1}"#)).unwrap()["a"], 1);
+        assert!(err.detail.starts_with("the value is not UTF-8: invalid utf-8"), "{}", err.detail);
+        let (text, data) = parse_data(Some(br#"{"a": 1}"#)).unwrap();
+        assert_eq!((text, &data["a"]), (r#"{"a": 1}"#, &serde_json::json!(1)));
+        let err = parse_data(Some(b"{} x")).unwrap_err();
+        assert!(err.detail.starts_with("the value is not strict JSON"), "{}", err.detail);
     }
 
     #[test]

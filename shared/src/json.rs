@@ -16,6 +16,15 @@ pub fn parse_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
     Ok(value)
 }
 
+/// [`parse_strict`] for text already known to be UTF-8, which spares
+/// checking each string's encoding again.
+pub fn parse_strict_str(text: &str) -> Result<Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = Strict.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 struct Strict;
 
 impl<'de> DeserializeSeed<'de> for Strict {
@@ -98,5 +107,9 @@ mod tests {
         let text = br#"{"a":[1,-2,3.5,true,null,"s"],"b":{"c":{}},"big":18446744073709551615}"#;
         assert_eq!(parse_strict(text).unwrap(), serde_json::from_slice::<Value>(text).unwrap());
         assert!(parse_strict(br#"{"a":1} x"#).is_err());
+        let text = std::str::from_utf8(text).unwrap();
+        assert_eq!(parse_strict_str(text).unwrap(), serde_json::from_str::<Value>(text).unwrap());
+        assert!(parse_strict_str(r#"{"a":1,"a":1}"#).is_err());
+        assert!(parse_strict_str(r#"{"a":1} x"#).is_err());
     }
 }
