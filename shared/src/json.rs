@@ -5,6 +5,7 @@
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
 use serde_json::{Map, Value};
 
 /// Parses `bytes` as one JSON value, refusing duplicate member names at any
@@ -82,10 +83,15 @@ impl<'de> Visitor<'de> for Strict {
         let mut map = Map::new();
         while let Some(key) = access.next_key::<String>()? {
             let value = access.next_value_seed(Strict)?;
-            if map.contains_key(&key) {
-                return Err(serde::de::Error::custom(format!("duplicate member {key:?}")));
+            match map.entry(key) {
+                Entry::Vacant(entry) => {
+                    entry.insert(value);
+                }
+                Entry::Occupied(entry) => {
+                    let key = entry.key();
+                    return Err(serde::de::Error::custom(format!("duplicate member {key:?}")));
+                }
             }
-            map.insert(key, value);
         }
         Ok(Value::Object(map))
     }
