@@ -311,7 +311,7 @@ async fn insert_markers(
     events: &[&Event],
     processed_at: &str,
 ) -> Result<bool, sqlx::Error> {
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statements(events) {
         let insert = insert_markers_query(tx.backend_name(), chunk, processed_at, "");
         if insert.execute(&mut *tx).await?.rows_affected() != chunk.len() as u64 {
             return Ok(false);
@@ -331,7 +331,7 @@ async fn insert_markers_returning(
     let index: HashMap<(&str, Uuid), usize> =
         events.iter().enumerate().map(|(i, e)| ((e.claims.subject.as_str(), e.id), i)).collect();
     let mut new = vec![false; events.len()];
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statements(events) {
         let returning = " RETURNING subject, message_id";
         let insert = insert_markers_query(tx.backend_name(), chunk, processed_at, returning);
         for row in insert.fetch_all(&mut *tx).await? {
@@ -391,7 +391,7 @@ impl Handler for RecordEvents {
 /// Writes one `events` row per event, many rows per statement.
 async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), HandlerError> {
     let received_at = now_text();
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statements(events) {
         let sql = format!(
             "INSERT INTO events (message_id, event_type, source, subject, issuer, token_id,
                 claims, data, kafka_topic, kafka_partition, kafka_offset, received_at)
@@ -424,12 +424,32 @@ async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), 
     Ok(())
 }
 
-/// Rows per multi-row statement, so that a batch of the default size
+/// Most rows per multi-row statement, so that a batch of the default size
 /// (256) is one statement per table: at most 3,072 parameters, well below
 /// what SQLite (32,766) and PostgreSQL (65,535) allow in one statement.
 /// Each statement is a round trip to the database (for SQLite, to its
 /// worker thread).
 const ROWS_PER_STATEMENT: usize = 256;
+
+/// `rows` cut into the multi-row statements that insert them: each as
+/// large as possible, with a power of two of rows up to
+/// [`ROWS_PER_STATEMENT`]. A statement's text depends on its row count,
+/// and every connection keeps each text it ran prepared: with nine row
+/// counts, each kind of insert has at most nine texts per connection,
+/// where any count from 1 to 256 could fill the cache (a hundred per
+/// connection) with statements of thousands of parameters.
+fn statements<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        let take = match rest.len() {
+            0 => return None,
+            n => 1 << n.min(ROWS_PER_STATEMENT).ilog2(),
+        };
+        let (statement, after) = rest.split_at(take);
+        rest = after;
+        Some(statement)
+    })
+}
 
 /// `(?, ?), (?, ?), ...` (SQLite) or `($1, $2), ($3, $4), ...` (others)
 /// for `rows` rows of `columns` values. SQLite gets anonymous parameters:
@@ -540,6 +560,16 @@ mod tests {
         let outcomes = inbox.process_batch(&[&b, &a], &RecordEvents).await.unwrap();
         assert_eq!(outcomes, [Duplicate, Duplicate]);
         assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (3, 3));
+    }
+
+    #[test]
+    fn statements_have_a_power_of_two_of_rows_up_to_the_most() {
+        let sizes = |n: usize| statements(&vec![0u8; n]).map(<[u8]>::len).collect::<Vec<_>>();
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), [1]);
+        assert_eq!(sizes(200), [128, 64, 8]);
+        assert_eq!(sizes(256), [256]);
+        assert_eq!(sizes(2 * ROWS_PER_STATEMENT + 13), [256, 256, 8, 4, 1]);
     }
 
     #[tokio::test]
