@@ -251,21 +251,33 @@ impl Inbox {
         // Only the first record of a (subject, message ID) in the batch can
         // be new; the others are duplicates of it.
         let mut seen = HashSet::new();
-        let first: Vec<bool> =
-            events.iter().map(|e| seen.insert((e.claims.subject.as_str(), e.id))).collect();
+        let first: Vec<bool> = events.iter().map(|e| seen.insert(marker_key(e))).collect();
         let candidates: Vec<&Event> =
             events.iter().zip(&first).filter(|(_, first)| **first).map(|(e, _)| *e).collect();
 
+        // Markers go in in key order, the same in every consumer, so that
+        // replicas inserting overlapping batches into one PostgreSQL inbox
+        // wait for one another instead of deadlocking.
+        let mut in_key_order = candidates.clone();
+        in_key_order.sort_unstable_by_key(|e| marker_key(e));
+
         let processed_at = now_text();
         let mut tx = self.pool.begin().await?;
-        let new = match insert_markers(&mut tx, &candidates, &processed_at).await? {
+        let new = match insert_markers(&mut tx, &in_key_order, &processed_at).await? {
             true => vec![true; candidates.len()],
             false => {
                 // Some were processed before: start again, learning which
                 // markers each insert adds.
                 tx.rollback().await?;
                 tx = self.pool.begin().await?;
-                insert_markers_returning(&mut tx, &candidates, &processed_at).await?
+                let new = insert_markers_returning(&mut tx, &in_key_order, &processed_at).await?;
+                let added: HashSet<_> = in_key_order
+                    .iter()
+                    .zip(new)
+                    .filter(|(_, new)| *new)
+                    .map(|(e, _)| marker_key(e))
+                    .collect();
+                candidates.iter().map(|e| added.contains(&marker_key(e))).collect()
             }
         };
 
@@ -300,6 +312,11 @@ impl Inbox {
             .rows_affected();
         Ok(deleted)
     }
+}
+
+/// An inbox marker's key, in the order markers are inserted.
+fn marker_key(event: &Event) -> (Uuid, &str) {
+    (event.id, event.claims.subject.as_str())
 }
 
 /// Inserts the markers of `events` (distinct keys) and says whether all

@@ -1,0 +1,99 @@
+//! Replicas sharing one PostgreSQL inbox: batches that overlap, each in
+//! its own order, go through at once. Every key must be processed once,
+//! with no transaction failing on the way (a deadlock between two
+//! replicas' marker inserts shows here as a transient error).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use event_identity::VerifiedClaims;
+use event_identity_consumer::inbox::InboxOutcome;
+use event_identity_consumer::{Event, Inbox, RecordEvents};
+use event_identity_tests::fresh_postgres_database;
+use serde_json::json;
+use uuid::Uuid;
+
+const REPLICAS: u64 = 4;
+const ROUNDS: usize = 30;
+/// Message IDs each round's batches draw from; consecutive rounds share
+/// half of them.
+const IDS: u128 = 400;
+
+fn event(subject: &str, n: u128) -> Event {
+    Event {
+        id: Uuid::from_u128(n),
+        event_type: "com.example.order.created".to_owned(),
+        source: "/tests".to_owned(),
+        time: None,
+        data: json!({"n": n as u64}),
+        data_text: json!({"n": n as u64}).to_string(),
+        claims: Arc::new(VerifiedClaims {
+            subject: subject.to_owned(),
+            issuer: "https://issuer.test".to_owned(),
+            audience: vec!["order-consumer".to_owned()],
+            scopes: vec!["events:order.created".to_owned()],
+            expires_at: 0,
+            issued_at: None,
+            token_id: None,
+            key_id: "k1".to_owned(),
+            claims: serde_json::Map::new(),
+        }),
+        topic: "orders".to_owned(),
+        partition: 0,
+        offset: n as i64,
+    }
+}
+
+/// One replica's rounds: a batch of random IDs (a tenth under a second
+/// subject), shuffled; the keys it processed, or the first error.
+async fn replica(inbox: Inbox, seed: u64) -> Result<Vec<(String, Uuid)>, String> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut processed = Vec::new();
+    for round in 0..ROUNDS {
+        let base = (round as u128 / 2) * IDS;
+        let mut batch: Vec<Event> = (0..rng.usize(1..=IDS as usize))
+            .map(|_| event(if rng.u8(0..10) == 0 { "u2" } else { "u1" }, base + rng.u128(0..IDS)))
+            .collect();
+        rng.shuffle(&mut batch);
+        let refs: Vec<&Event> = batch.iter().collect();
+        let outcomes = inbox
+            .process_batch(&refs, &RecordEvents)
+            .await
+            .map_err(|e| format!("replica {seed}, round {round}: {e}"))?;
+        for (event, outcome) in batch.iter().zip(outcomes) {
+            if outcome == InboxOutcome::Processed {
+                processed.push((event.claims.subject.clone(), event.id));
+            }
+        }
+    }
+    Ok(processed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_inserting_overlapping_batches_into_one_postgres_inbox_neither_deadlock_nor_repeat()
+ {
+    let url = fresh_postgres_database().await;
+    let mut replicas = Vec::new();
+    for seed in 0..REPLICAS {
+        let inbox = Inbox::connect(&url).await.expect("the inbox opens");
+        replicas.push(tokio::spawn(replica(inbox, seed)));
+    }
+    let mut processed: HashMap<(String, Uuid), usize> = HashMap::new();
+    for replica in replicas {
+        for key in replica.await.unwrap().unwrap_or_else(|e| panic!("{e}")) {
+            *processed.entry(key).or_default() += 1;
+        }
+    }
+
+    let repeated: Vec<_> = processed.iter().filter(|(_, times)| **times > 1).collect();
+    assert_eq!(repeated, Vec::<(&(String, Uuid), &usize)>::new());
+    let inbox = Inbox::connect(&url).await.unwrap();
+    for table in ["inbox", "events"] {
+        let rows: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+                .fetch_one(inbox.pool())
+                .await
+                .unwrap();
+        assert_eq!(rows as usize, processed.len(), "rows in {table}");
+    }
+}
