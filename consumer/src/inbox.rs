@@ -179,7 +179,42 @@ impl Inbox {
             .await?;
         let inbox = Self { pool };
         inbox.create_tables(sqlite).await?;
+        inbox.check_keys().await?;
         Ok(inbox)
+    }
+
+    /// Checks that both tables take the inserts' `ON CONFLICT (message_id,
+    /// subject)`, so that a table made by an early version (keyed by the
+    /// message ID alone) stops the start instead of failing every insert.
+    /// The probe rows are rolled back.
+    async fn check_keys(&self) -> Result<(), sqlx::Error> {
+        let probes = [
+            ("inbox", "subject, message_id, event_type, processed_at", "'', '', '', ''"),
+            (
+                "events",
+                "message_id, event_type, source, subject, issuer, token_id, claims, data, \
+                 kafka_topic, kafka_partition, kafka_offset, received_at",
+                "'', '', '', '', '', NULL, '', '', '', 0, 0, ''",
+            ),
+        ];
+        let mut tx = self.pool.begin().await?;
+        for (table, columns, values) in probes {
+            let probe = format!(
+                "INSERT INTO {table} ({columns}) VALUES ({values}) \
+                 ON CONFLICT (message_id, subject) DO NOTHING"
+            );
+            if let Err(error) = tx.execute(AssertSqlSafe(probe)).await {
+                let Some(database) = error.as_database_error() else { return Err(error) };
+                let message = format!(
+                    "the {table} table cannot take this version's inserts ({}): it needs a \
+                     primary key on (message_id, subject), which tables made by the first \
+                     versions lack; see \"Inbox tables\" in the README",
+                    database.message()
+                );
+                return Err(sqlx::Error::InvalidArgument(message));
+            }
+        }
+        tx.rollback().await
     }
 
     /// The connection pool, for handlers' own queries and for tests.
@@ -577,6 +612,41 @@ mod tests {
         let outcomes = inbox.process_batch(&[&b, &a], &RecordEvents).await.unwrap();
         assert_eq!(outcomes, [Duplicate, Duplicate]);
         assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (3, 3));
+    }
+
+    /// An inbox over a database whose tables `schema` made first.
+    async fn inbox_over(schema: &str) -> (Result<Inbox, sqlx::Error>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
+        sqlx::any::install_default_drivers();
+        let pool = AnyPool::connect(&url).await.unwrap();
+        pool.execute(AssertSqlSafe(schema.to_owned())).await.unwrap();
+        pool.close().await;
+        (Inbox::connect(&url).await, dir)
+    }
+
+    #[tokio::test]
+    async fn tables_keyed_by_the_message_id_alone_stop_the_start_and_older_key_orders_work() {
+        let marker = "subject TEXT NOT NULL, event_type TEXT NOT NULL, processed_at TEXT NOT NULL";
+        let first = format!("CREATE TABLE inbox (message_id TEXT PRIMARY KEY, {marker})");
+        let (refused, _first_dir) = inbox_over(&first).await;
+        let error = refused.err().expect("the start is refused").to_string();
+        let expected = "the inbox table cannot take this version's inserts (ON CONFLICT clause \
+                        does not match any PRIMARY KEY or UNIQUE constraint): it needs a primary \
+                        key on (message_id, subject)";
+        assert!(error.contains(expected), "{error}");
+        // No probe row is left behind.
+        let (inbox, _dir) = inbox().await;
+        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (0, 0));
+
+        let reordered = format!(
+            "CREATE TABLE inbox (message_id TEXT NOT NULL, {marker}, PRIMARY KEY (subject, message_id))"
+        );
+        let (opened, _reordered_dir) = inbox_over(&reordered).await;
+        let inbox = opened.expect("a (subject, message_id) key works");
+        let a = event("u1", 1);
+        let outcomes = inbox.process_batch(&[&a, &a], &RecordEvents).await.unwrap();
+        assert_eq!(outcomes, [InboxOutcome::Processed, InboxOutcome::Duplicate]);
     }
 
     #[test]

@@ -1,7 +1,5 @@
-//! Replicas sharing one PostgreSQL inbox: batches that overlap, each in
-//! its own order, go through at once. Every key must be processed once,
-//! with no transaction failing on the way (a deadlock between two
-//! replicas' marker inserts shows here as a transient error).
+//! The inbox on PostgreSQL: replicas sharing it, and tables made by an
+//! early version.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +67,10 @@ async fn replica(inbox: Inbox, seed: u64) -> Result<Vec<(String, Uuid)>, String>
     Ok(processed)
 }
 
+/// Batches that overlap, each in its own order, go through at once. Every
+/// key must be processed once, with no transaction failing on the way (a
+/// deadlock between two replicas' marker inserts shows as a transient
+/// error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_inserting_overlapping_batches_into_one_postgres_inbox_neither_deadlock_nor_repeat()
  {
@@ -96,4 +98,23 @@ async fn replicas_inserting_overlapping_batches_into_one_postgres_inbox_neither_
                 .unwrap();
         assert_eq!(rows as usize, processed.len(), "rows in {table}");
     }
+}
+
+#[tokio::test]
+async fn an_inbox_keyed_by_the_message_id_alone_stops_the_start() {
+    let url = fresh_postgres_database().await;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let first_version = "CREATE TABLE inbox (message_id TEXT PRIMARY KEY, \
+        event_type TEXT NOT NULL, subject TEXT NOT NULL, processed_at TEXT NOT NULL)";
+    sqlx::query(first_version).execute(&pool).await.unwrap();
+
+    let error = Inbox::connect(&url).await.err().expect("the start is refused").to_string();
+    let expected = "the inbox table cannot take this version's inserts (there is no unique or \
+                    exclusion constraint matching the ON CONFLICT specification): it needs a \
+                    primary key on (message_id, subject)";
+    assert!(error.contains(expected), "{error}");
+    let rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM inbox").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 0, "the probe row was rolled back");
 }
