@@ -149,6 +149,14 @@ pub struct Inbox {
     pool: AnyPool,
 }
 
+/// Whether `error` says that no unique key matches an insert's conflict
+/// target: PostgreSQL's `invalid_column_reference` (42P10), SQLite's
+/// "ON CONFLICT clause does not match ..." (a plain `SQLITE_ERROR`).
+fn no_matching_key(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.code().as_deref() == Some("42P10")
+        || error.message().starts_with("ON CONFLICT clause does not match")
+}
+
 impl Inbox {
     /// Connects to `url` (`sqlite://...` or `postgres://...`) and creates
     /// the tables if they are missing.
@@ -186,7 +194,10 @@ impl Inbox {
     /// Checks that both tables take the inserts' `ON CONFLICT (message_id,
     /// subject)`, so that a table made by an early version (keyed by the
     /// message ID alone) stops the start instead of failing every insert.
-    /// The probe rows are rolled back.
+    /// The probe is an `EXPLAIN`: both databases match the conflict target
+    /// when they plan the insert, and planning it writes nothing and takes
+    /// no write lock, so a replica sharing the database with a busy one
+    /// starts without waiting for it.
     async fn check_keys(&self) -> Result<(), sqlx::Error> {
         let probes = [
             ("inbox", "subject, message_id, event_type, processed_at", "'', '', '', ''"),
@@ -197,24 +208,31 @@ impl Inbox {
                 "'', '', '', '', '', NULL, '', '', '', 0, 0, ''",
             ),
         ];
-        let mut tx = self.pool.begin().await?;
         for (table, columns, values) in probes {
             let probe = format!(
-                "INSERT INTO {table} ({columns}) VALUES ({values}) \
+                "EXPLAIN INSERT INTO {table} ({columns}) VALUES ({values}) \
                  ON CONFLICT (message_id, subject) DO NOTHING"
             );
-            if let Err(error) = tx.execute(AssertSqlSafe(probe)).await {
+            if let Err(error) = self.pool.execute(AssertSqlSafe(probe)).await {
                 let Some(database) = error.as_database_error() else { return Err(error) };
-                let message = format!(
-                    "the {table} table cannot take this version's inserts ({}): it needs a \
-                     primary key on (message_id, subject), which tables made by the first \
-                     versions lack; see \"Inbox tables\" in the README",
-                    database.message()
-                );
+                let message = if no_matching_key(database) {
+                    format!(
+                        "the {table} table cannot take this version's inserts ({}): it needs a \
+                         primary key on (message_id, subject), which tables made by the first \
+                         versions lack; see \"Inbox tables\" in the README",
+                        database.message()
+                    )
+                } else {
+                    format!(
+                        "the {table} table cannot take this version's inserts ({}); see \
+                         \"Inbox tables\" in the README for the columns it needs",
+                        database.message()
+                    )
+                };
                 return Err(sqlx::Error::InvalidArgument(message));
             }
         }
-        tx.rollback().await
+        Ok(())
     }
 
     /// The connection pool, for handlers' own queries and for tests.
@@ -635,9 +653,6 @@ mod tests {
                         does not match any PRIMARY KEY or UNIQUE constraint): it needs a primary \
                         key on (message_id, subject)";
         assert!(error.contains(expected), "{error}");
-        // No probe row is left behind.
-        let (inbox, _dir) = inbox().await;
-        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (0, 0));
 
         let reordered = format!(
             "CREATE TABLE inbox (message_id TEXT NOT NULL, {marker}, PRIMARY KEY (subject, message_id))"
@@ -647,6 +662,33 @@ mod tests {
         let a = event("u1", 1);
         let outcomes = inbox.process_batch(&[&a, &a], &RecordEvents).await.unwrap();
         assert_eq!(outcomes, [InboxOutcome::Processed, InboxOutcome::Duplicate]);
+    }
+
+    #[tokio::test]
+    async fn a_table_without_a_column_the_inserts_name_stops_the_start_naming_it() {
+        let schema = "CREATE TABLE inbox (message_id TEXT NOT NULL, subject TEXT NOT NULL, \
+                      processed_at TEXT NOT NULL, PRIMARY KEY (message_id, subject))";
+        let (refused, _dir) = inbox_over(schema).await;
+        let error = refused.err().expect("the start is refused").to_string();
+        let expected = "the inbox table cannot take this version's inserts (table inbox has no \
+                        column named event_type); see \"Inbox tables\"";
+        assert!(error.contains(expected), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_replica_starts_while_another_holds_the_write_lock() {
+        let (first, dir) = inbox().await;
+        let mut writer = first.pool().acquire().await.unwrap();
+        writer.execute("BEGIN IMMEDIATE").await.unwrap();
+        writer
+            .execute("INSERT INTO inbox VALUES ('u1', 'm1', 't', '2026-12-04T00:00:00Z')")
+            .await
+            .unwrap();
+
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
+        let second = Inbox::connect(&url).await.expect("the start needs no write lock");
+        writer.execute("COMMIT").await.unwrap();
+        assert_eq!(count(&second, "inbox").await, 1);
     }
 
     #[test]

@@ -116,5 +116,5 @@ async fn an_inbox_keyed_by_the_message_id_alone_stops_the_start() {
     assert!(error.contains(expected), "{error}");
     let rows: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM inbox").fetch_one(&pool).await.unwrap();
-    assert_eq!(rows, 0, "the probe row was rolled back");
+    assert_eq!(rows, 0, "the probe wrote nothing");
 }
