@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use event_identity::VerifiedClaims;
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, AssertSqlSafe, Executor as _, Row as _};
@@ -125,6 +126,15 @@ pub trait Handler: Send + Sync {
         })
     }
 
+    /// Checks, in a transaction that is rolled back, that the tables the
+    /// handler writes take its writes, so that one that refuses them stops
+    /// the start instead of failing every event. The default checks
+    /// nothing.
+    fn check<'a>(&'a self, tx: &'a mut AnyConnection) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        let _ = tx;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether several events may share one transaction (the default).
     /// A handler with effects outside the database should say no: when one
     /// event of a shared transaction is refused, the others are rolled back
@@ -149,12 +159,140 @@ pub struct Inbox {
     pool: AnyPool,
 }
 
+/// How long SQLite waits for another connection's lock (milliseconds).
+const BUSY_MS: u32 = 5_000;
+
+/// How long the start-up check waits for another writer's lock in SQLite
+/// before it plans its inserts instead of trying them (milliseconds).
+const PROBE_BUSY_MS: u32 = 250;
+
+/// The columns a marker insert names, and literal values to plan it with.
+const MARKER_COLUMNS: &str = "subject, message_id, event_type, processed_at";
+const MARKER_PLAN_VALUES: &str = "'', '', '', ''";
+
+/// The columns an `events` insert names, and literal values to plan it with.
+const EVENT_COLUMNS: &str = "message_id, event_type, source, subject, issuer, token_id, claims, \
+                             data, kafka_topic, kafka_partition, kafka_offset, received_at";
+const EVENT_PLAN_VALUES: &str = "'', '', '', '', '', NULL, '', '', '', 0, 0, ''";
+
+fn is_sqlite(conn: &AnyConnection) -> bool {
+    conn.backend_name().eq_ignore_ascii_case("sqlite")
+}
+
+/// The `EXPLAIN` of an insert of one row of `values` into `table`: both
+/// databases match the conflict target and the columns when they plan it,
+/// and planning takes no write lock.
+fn plan(table: &str, columns: &str, values: &str) -> String {
+    format!(
+        "EXPLAIN INSERT INTO {table} ({columns}) VALUES ({values}) \
+         ON CONFLICT (message_id, subject) DO NOTHING"
+    )
+}
+
+/// The rows a start-up check writes (and rolls back): two subjects with one
+/// message ID, and one subject with two, so that a unique key narrower than
+/// (message ID, subject) refuses one of them. Real message IDs are UUIDs
+/// of version 7 or 8, never the nil or the max UUID.
+fn probe_events() -> [Event; 3] {
+    let event = |subject: &str, id: Uuid| Event {
+        id,
+        event_type: "event-identity.start-up-check".to_owned(),
+        source: "event-identity".to_owned(),
+        time: None,
+        data: Value::Object(Default::default()),
+        data_text: "{}".to_owned(),
+        claims: Arc::new(VerifiedClaims {
+            subject: subject.to_owned(),
+            issuer: String::new(),
+            audience: Vec::new(),
+            scopes: Vec::new(),
+            expires_at: 0,
+            issued_at: None,
+            token_id: None,
+            key_id: String::new(),
+            claims: Default::default(),
+        }),
+        topic: String::new(),
+        partition: 0,
+        offset: 0,
+    };
+    let (first, second) = ("event-identity start-up check 1", "event-identity start-up check 2");
+    [event(first, Uuid::nil()), event(second, Uuid::nil()), event(first, Uuid::max())]
+}
+
+/// What a start-up check of `table` concludes from `tried`, the result of
+/// an insert of the probe rows. An error every insert would meet stops the
+/// start with a line naming the table. When another writer holds a SQLite
+/// database, the check plans the insert instead (`plan`), which finds a
+/// missing key or column without the lock, and says so in the log.
+async fn verdict(
+    conn: &mut AnyConnection,
+    table: &str,
+    tried: Result<(), sqlx::Error>,
+    plan: &str,
+) -> Result<(), sqlx::Error> {
+    let error = match tried {
+        Ok(()) => return Ok(()),
+        Err(error) if error.as_database_error().is_some_and(is_busy) => {
+            tracing::warn!(
+                table,
+                "another writer holds the database: the start-up check of the table plans \
+                 its inserts instead of trying them"
+            );
+            match conn.execute(AssertSqlSafe(plan.to_owned())).await {
+                Ok(_) => return Ok(()),
+                Err(error) => error,
+            }
+        }
+        Err(error) => error,
+    };
+    let message = match (&error, error.as_database_error()) {
+        (sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_), _) => format!(
+            "the {table} table's columns do not read back as text ({error}): subject and \
+             message_id must be TEXT or VARCHAR; see \"Inbox tables\" in the README"
+        ),
+        (_, Some(database)) if no_matching_key(database) => format!(
+            "the {table} table cannot take this version's inserts ({}): it needs a primary \
+             key on (message_id, subject), which tables made by the first versions lack; see \
+             \"Inbox tables\" in the README",
+            database.message()
+        ),
+        (_, Some(database)) if database.kind() == sqlx::error::ErrorKind::UniqueViolation => {
+            format!(
+                "the {table} table cannot take this version's inserts ({}): a unique key \
+                 narrower than (message_id, subject), such as the first versions' key on \
+                 message_id, would let one user's record suppress another's event; see \
+                 \"Inbox tables\" in the README",
+                database.message()
+            )
+        }
+        (_, Some(database)) => format!(
+            "the {table} table cannot take this version's inserts ({}); see \"Inbox tables\" \
+             in the README",
+            database.message()
+        ),
+        (_, None) => return Err(error),
+    };
+    Err(sqlx::Error::InvalidArgument(message))
+}
+
 /// Whether `error` says that no unique key matches an insert's conflict
 /// target: PostgreSQL's `invalid_column_reference` (42P10), SQLite's
 /// "ON CONFLICT clause does not match ..." (a plain `SQLITE_ERROR`).
 fn no_matching_key(error: &dyn sqlx::error::DatabaseError) -> bool {
     error.code().as_deref() == Some("42P10")
         || error.message().starts_with("ON CONFLICT clause does not match")
+}
+
+/// Whether `error` is SQLite's `SQLITE_BUSY` or `SQLITE_LOCKED` (codes 5
+/// and 6, with their extended codes): another connection holds a lock.
+fn is_busy(error: &dyn sqlx::error::DatabaseError) -> bool {
+    match error.code().as_deref() {
+        Some(code) if code.len() != 5 => {
+            matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5 | 6))
+        }
+        _ => false,
+    }
 }
 
 impl Inbox {
@@ -173,7 +311,8 @@ impl Inbox {
                         // WAL lets readers (tests, operators) look while the
                         // consumer writes; busy_timeout waits out their locks.
                         conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute(AssertSqlSafe(format!("PRAGMA busy_timeout = {BUSY_MS}")))
+                            .await?;
                         conn.execute("PRAGMA synchronous = FULL").await?;
                         // 4 MiB of page cache (the default is 2 MiB) holds
                         // the tables' upper B-tree pages and their right
@@ -187,52 +326,64 @@ impl Inbox {
             .await?;
         let inbox = Self { pool };
         inbox.create_tables(sqlite).await?;
-        inbox.check_keys().await?;
+        inbox.check_markers().await?;
         Ok(inbox)
     }
 
-    /// Checks that both tables take the inserts' `ON CONFLICT (message_id,
-    /// subject)`, so that a table made by an early version (keyed by the
-    /// message ID alone) stops the start instead of failing every insert.
-    /// The probe is an `EXPLAIN`: both databases match the conflict target
-    /// when they plan the insert, and planning it writes nothing and takes
-    /// no write lock, so a replica sharing the database with a busy one
-    /// starts without waiting for it.
-    async fn check_keys(&self) -> Result<(), sqlx::Error> {
-        let probes = [
-            ("inbox", "subject, message_id, event_type, processed_at", "'', '', '', ''"),
-            (
-                "events",
-                "message_id, event_type, source, subject, issuer, token_id, claims, data, \
-                 kafka_topic, kafka_partition, kafka_offset, received_at",
-                "'', '', '', '', '', NULL, '', '', '', 0, 0, ''",
-            ),
-        ];
-        for (table, columns, values) in probes {
-            let probe = format!(
-                "EXPLAIN INSERT INTO {table} ({columns}) VALUES ({values}) \
-                 ON CONFLICT (message_id, subject) DO NOTHING"
-            );
-            if let Err(error) = self.pool.execute(AssertSqlSafe(probe)).await {
-                let Some(database) = error.as_database_error() else { return Err(error) };
-                let message = if no_matching_key(database) {
-                    format!(
-                        "the {table} table cannot take this version's inserts ({}): it needs a \
-                         primary key on (message_id, subject), which tables made by the first \
-                         versions lack; see \"Inbox tables\" in the README",
-                        database.message()
-                    )
-                } else {
-                    format!(
-                        "the {table} table cannot take this version's inserts ({}); see \
-                         \"Inbox tables\" in the README for the columns it needs",
-                        database.message()
-                    )
-                };
-                return Err(sqlx::Error::InvalidArgument(message));
-            }
+    /// Checks that the `inbox` table takes this version's marker inserts
+    /// and reads them back, so that a table that refuses them (made by an
+    /// early version, keyed by the message ID alone) stops the start
+    /// instead of failing every batch.
+    async fn check_markers(&self) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin_probe().await?;
+        let probes = probe_events();
+        let probes: Vec<&Event> = probes.iter().collect();
+        let tried = match insert_markers_returning(&mut tx, &probes, &now_text()).await {
+            Ok(new) if new.iter().all(|new| *new) => Ok(()),
+            Ok(new) => Err(sqlx::Error::InvalidArgument(format!(
+                "the inbox table took {} of {} markers of the start-up check, which differ in \
+                 subject or message ID; see \"Inbox tables\" in the README",
+                new.iter().filter(|new| **new).count(),
+                new.len()
+            ))),
+            Err(error) => Err(error),
+        };
+        let plan = plan("inbox", MARKER_COLUMNS, MARKER_PLAN_VALUES);
+        let verdict = verdict(&mut tx, "inbox", tried, &plan).await;
+        self.end_probe(tx, verdict).await
+    }
+
+    /// Checks that `handler`'s tables take its writes
+    /// ([`Handler::check`]), so that one that refuses them stops the start
+    /// instead of failing every event. [`crate::ConsumerBuilder::build`] calls it.
+    pub async fn check_handler(&self, handler: &dyn Handler) -> Result<(), sqlx::Error> {
+        let mut tx = self.begin_probe().await?;
+        let verdict = handler.check(&mut tx).await;
+        self.end_probe(tx, verdict).await
+    }
+
+    /// The transaction of a start-up check, rolled back by
+    /// [`Inbox::end_probe`]. In SQLite, a write in it waits at most
+    /// [`PROBE_BUSY_MS`] for another writer's lock rather than [`BUSY_MS`].
+    async fn begin_probe(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if is_sqlite(&tx) {
+            tx.execute(AssertSqlSafe(format!("PRAGMA busy_timeout = {PROBE_BUSY_MS}"))).await?;
         }
-        Ok(())
+        Ok(tx)
+    }
+
+    async fn end_probe(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Any>,
+        verdict: Result<(), sqlx::Error>,
+    ) -> Result<(), sqlx::Error> {
+        let sqlite = is_sqlite(&tx);
+        let rolled_back = tx.rollback().await;
+        if sqlite {
+            self.pool.execute(AssertSqlSafe(format!("PRAGMA busy_timeout = {BUSY_MS}"))).await?;
+        }
+        verdict.and(rolled_back)
     }
 
     /// The connection pool, for handlers' own queries and for tests.
@@ -425,7 +576,7 @@ fn insert_markers_query<'q>(
     tail: &str,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     let sql = format!(
-        "INSERT INTO inbox (subject, message_id, event_type, processed_at) VALUES {}
+        "INSERT INTO inbox ({MARKER_COLUMNS}) VALUES {}
          ON CONFLICT (message_id, subject) DO NOTHING{tail}",
         placeholders(backend, chunk.len(), 4)
     );
@@ -446,7 +597,7 @@ pub struct RecordEvents;
 
 impl Handler for RecordEvents {
     fn handle<'a>(&'a self, event: &'a Event, tx: &'a mut AnyConnection) -> HandlerFuture<'a> {
-        Box::pin(async move { record_events(&[event], tx).await })
+        Box::pin(async move { record_events(&[event], tx).await.map_err(HandlerError::from) })
     }
 
     fn handle_batch<'a>(
@@ -454,18 +605,25 @@ impl Handler for RecordEvents {
         events: &'a [&'a Event],
         tx: &'a mut AnyConnection,
     ) -> HandlerFuture<'a> {
-        Box::pin(record_events(events, tx))
+        Box::pin(async move { record_events(events, tx).await.map_err(HandlerError::from) })
+    }
+
+    fn check<'a>(&'a self, tx: &'a mut AnyConnection) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            let probes = probe_events();
+            let probes: Vec<&Event> = probes.iter().collect();
+            let tried = record_events(&probes, tx).await;
+            verdict(tx, "events", tried, &plan("events", EVENT_COLUMNS, EVENT_PLAN_VALUES)).await
+        })
     }
 }
 
 /// Writes one `events` row per event, many rows per statement.
-async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), HandlerError> {
+async fn record_events(events: &[&Event], tx: &mut AnyConnection) -> Result<(), sqlx::Error> {
     let received_at = now_text();
     for chunk in statements(events) {
         let sql = format!(
-            "INSERT INTO events (message_id, event_type, source, subject, issuer, token_id,
-                claims, data, kafka_topic, kafka_partition, kafka_offset, received_at)
-             VALUES {}
+            "INSERT INTO events ({EVENT_COLUMNS}) VALUES {}
              ON CONFLICT (message_id, subject) DO NOTHING",
             placeholders(tx.backend_name(), chunk.len(), 12)
         );
@@ -676,6 +834,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tables_that_refuse_what_the_plan_of_an_insert_allows_stop_the_start() {
+        // A read-only database: every marker insert would fail.
+        let (inbox, dir) = inbox().await;
+        inbox.pool().close().await;
+        let read_only = format!("sqlite://{}?mode=ro", dir.path().join("inbox.db").display());
+        let error = Inbox::connect(&read_only).await.err().expect("refused").to_string();
+        let expected = "the inbox table cannot take this version's inserts (attempt to write a \
+                        readonly database); see \"Inbox tables\"";
+        assert!(error.contains(expected), "{error}");
+
+        // A first-version key kept beside the new one: a second subject's
+        // marker for the same message ID would be refused.
+        let half_migrated = "CREATE TABLE inbox (message_id TEXT PRIMARY KEY, subject TEXT NOT \
+            NULL, event_type TEXT NOT NULL, processed_at TEXT NOT NULL); \
+            CREATE UNIQUE INDEX inbox_pair ON inbox (message_id, subject)";
+        let (refused, _dir) = inbox_over(half_migrated).await;
+        let error = refused.err().expect("refused").to_string();
+        let expected = "the inbox table cannot take this version's inserts (UNIQUE constraint \
+                        failed: inbox.message_id): a unique key narrower than (message_id, \
+                        subject)";
+        assert!(error.contains(expected), "{error}");
+    }
+
+    /// A handler that writes nothing, and so checks nothing at start.
+    struct Nothing;
+
+    impl Handler for Nothing {
+        fn handle<'a>(&'a self, _: &'a Event, _: &'a mut AnyConnection) -> HandlerFuture<'a> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_events_table_is_checked_for_the_handler_that_writes_it() {
+        let unrelated = "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT)";
+        let (opened, _dir) = inbox_over(unrelated).await;
+        let beside = opened.expect("the inbox itself is fine");
+        beside.check_handler(&Nothing).await.expect("a handler that does not write events");
+        let error = beside.check_handler(&RecordEvents).await.expect_err("refused").to_string();
+        let expected = "the events table cannot take this version's inserts (table events has \
+                        no column named message_id)";
+        assert!(error.contains(expected), "{error}");
+
+        let columns = EVENT_COLUMNS.replace(", ", " TEXT, ");
+        let extra_column = format!(
+            "CREATE TABLE events ({columns} TEXT, tenant TEXT NOT NULL, \
+             PRIMARY KEY (message_id, subject))"
+        );
+        let (opened, _dir) = inbox_over(&extra_column).await;
+        let error = opened.unwrap().check_handler(&RecordEvents).await.unwrap_err().to_string();
+        let expected = "the events table cannot take this version's inserts (NOT NULL \
+                        constraint failed: events.tenant)";
+        assert!(error.contains(expected), "{error}");
+
+        // What the checks wrote is rolled back.
+        let (inbox, _dir) = inbox().await;
+        inbox.check_handler(&RecordEvents).await.unwrap();
+        assert_eq!((count(&inbox, "inbox").await, count(&inbox, "events").await), (0, 0));
+    }
+
+    #[tokio::test]
     async fn a_replica_starts_while_another_holds_the_write_lock() {
         let (first, dir) = inbox().await;
         let mut writer = first.pool().acquire().await.unwrap();
@@ -687,8 +906,22 @@ mod tests {
 
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
         let second = Inbox::connect(&url).await.expect("the start needs no write lock");
+        second.check_handler(&RecordEvents).await.expect("nor does the handler's check");
         writer.execute("COMMIT").await.unwrap();
         assert_eq!(count(&second, "inbox").await, 1);
+
+        // Under the lock, the plan of the insert still finds a missing key.
+        let first_version = "CREATE TABLE inbox (message_id TEXT PRIMARY KEY, subject TEXT, \
+                             event_type TEXT, processed_at TEXT)";
+        let (refused, dir) = inbox_over(first_version).await;
+        assert!(refused.is_err());
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("inbox.db").display());
+        let mut writer = <AnyConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        writer.execute("BEGIN IMMEDIATE").await.unwrap();
+        let error = Inbox::connect(&url).await.err().expect("refused under the lock").to_string();
+        let expected = "the inbox table cannot take this version's inserts (ON CONFLICT clause \
+                        does not match any PRIMARY KEY or UNIQUE constraint): it needs";
+        assert!(error.contains(expected), "{error}");
     }
 
     #[test]

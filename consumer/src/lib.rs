@@ -128,9 +128,11 @@ impl ConsumerBuilder {
         })?;
         tracing::info!(issuer = %config.issuer, keys, "issuer keys loaded");
 
-        let inbox = Inbox::connect(&config.database_url).await.with_context(|| {
+        let inbox_error = || {
             format!("--database-url: cannot open the inbox at {}", redact_url(&config.database_url))
-        })?;
+        };
+        let inbox = Inbox::connect(&config.database_url).await.with_context(inbox_error)?;
+        inbox.check_handler(handler.as_ref()).await.with_context(inbox_error)?;
         let dead_letters =
             DeadLetters::new(&config.kafka_bootstrap, &config.dead_letter_topic, &config.group)
                 .context("--kafka-bootstrap: cannot create the dead-letter producer")?;

@@ -9,6 +9,7 @@ use event_identity_consumer::inbox::InboxOutcome;
 use event_identity_consumer::{Event, Inbox, RecordEvents};
 use event_identity_tests::fresh_postgres_database;
 use serde_json::json;
+use sqlx::Executor as _;
 use uuid::Uuid;
 
 const REPLICAS: u64 = 4;
@@ -117,4 +118,76 @@ async fn an_inbox_keyed_by_the_message_id_alone_stops_the_start() {
     let rows: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM inbox").fetch_one(&pool).await.unwrap();
     assert_eq!(rows, 0, "the probe wrote nothing");
+}
+
+/// Starts an inbox over a fresh database whose `inbox` table `schema`
+/// made, and returns why the start was refused.
+async fn refusal_over(schema: &str) -> String {
+    let url = fresh_postgres_database().await;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    pool.execute(sqlx::AssertSqlSafe(schema.to_owned())).await.unwrap();
+    let refused = Inbox::connect(&url).await.err().expect("the start is refused").to_string();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM inbox").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 0, "the check's markers were rolled back");
+    refused
+}
+
+#[tokio::test]
+async fn inbox_tables_that_refuse_what_the_plan_of_an_insert_allows_stop_the_start() {
+    let columns = "event_type TEXT NOT NULL, processed_at TEXT NOT NULL";
+    // PostgreSQL refuses a deferrable arbiter only when the insert runs.
+    let deferrable = format!(
+        "CREATE TABLE inbox (subject TEXT NOT NULL, message_id TEXT NOT NULL, {columns}, \
+         PRIMARY KEY (message_id, subject) DEFERRABLE INITIALLY IMMEDIATE)"
+    );
+    let error = refusal_over(&deferrable).await;
+    let expected = "the inbox table cannot take this version's inserts (ON CONFLICT does not \
+                    support deferrable unique constraints/exclusion constraints as arbiters)";
+    assert!(error.contains(expected), "{error}");
+
+    // CHAR columns: the markers go in, but do not read back as text.
+    let padded = format!(
+        "CREATE TABLE inbox (subject CHAR(64) NOT NULL, message_id CHAR(40) NOT NULL, \
+         {columns}, PRIMARY KEY (message_id, subject))"
+    );
+    let error = refusal_over(&padded).await;
+    let expected = "the inbox table's columns do not read back as text";
+    assert!(error.contains(expected), "{error}");
+
+    // The first version's key kept beside the new one.
+    let half_migrated = format!(
+        "CREATE TABLE inbox (message_id TEXT PRIMARY KEY, subject TEXT NOT NULL, {columns}); \
+         CREATE UNIQUE INDEX inbox_pair ON inbox (message_id, subject)"
+    );
+    let error = refusal_over(&half_migrated).await;
+    let expected = "the inbox table cannot take this version's inserts (duplicate key value \
+                    violates unique constraint \"inbox_pkey\"): a unique key narrower than \
+                    (message_id, subject)";
+    assert!(error.contains(expected), "{error}");
+}
+
+#[tokio::test]
+async fn a_search_path_pinned_in_the_url_keeps_the_tables_when_a_schema_would_hide_them() {
+    let url = fresh_postgres_database().await;
+    let pinned = format!("{url}?options=-csearch_path%3Dpublic");
+    let inbox = Inbox::connect(&pinned).await.unwrap();
+    let a = event("u1", 1);
+    assert_eq!(inbox.process(&a, &RecordEvents).await, Ok(InboxOutcome::Processed));
+    inbox.pool().close().await;
+
+    // A schema named like the role comes first on the default search_path.
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    pool.execute("DO $$ BEGIN EXECUTE format('CREATE SCHEMA %I', current_user); END $$")
+        .await
+        .unwrap();
+    let inbox = Inbox::connect(&pinned).await.unwrap();
+    assert_eq!(inbox.process(&a, &RecordEvents).await, Ok(InboxOutcome::Duplicate));
+    let hidden = Inbox::connect(&url).await.unwrap();
+    assert_eq!(
+        hidden.process(&a, &RecordEvents).await,
+        Ok(InboxOutcome::Processed),
+        "without the pin the consumer uses new tables in the role's schema"
+    );
 }
